@@ -1,0 +1,92 @@
+"""Command-line plumbing shared by the GenEval sampling scripts (test_flux8b.py, test_sCM.py, test_meanflow.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from .geneval import Shard, generate_geneval, load_prompts, run_dir
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sampling_parser(description: str, default_steps: int, default_guidance: float = 3.5) -> argparse.ArgumentParser:
+    """The reference's test-script flags, plus batching, prompt selection and precision."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="FLUX pipeline folder or hub id (text encoders, VAE, scheduler and transformer config)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--num_inference_steps", type=int, default=default_steps)
+    p.add_argument("--guidance_scale", type=float, default=default_guidance)
+    p.add_argument("--seed", type=int, default=42, help="every image's noise is derived from (seed, prompt, image)")
+    p.add_argument("--max_sequence_length", type=int, default=256)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--prompts_file", default=None, help="one prompt per line (default: the GenEval prompts)")
+    p.add_argument("--metadata_file", default=None, help="GenEval-format metadata .jsonl (default: GenEval's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (quick runs)")
+    p.add_argument("--images_per_prompt", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call")
+    p.add_argument("--transformer_batch_size", type=int, default=None,
+                   help="images per transformer call (default: --images_per_prompt, which makes every image "
+                        "bitwise independent of --batch_size and of the number of processes)")
+    p.add_argument("--mixed_precision", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--ds_file", default=None, help="accepted for compatibility with the reference; not needed")
+    return p
+
+
+def device_and_dtype(mixed_precision: str | None) -> tuple[torch.device, torch.dtype]:
+    """This process's device (cuda:LOCAL_RANK under torchrun when CUDA exists, else CPU) and weight dtype."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    default = "bf16" if device.type == "cuda" else "no"
+    return device, DTYPES[mixed_precision or default]
+
+
+def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_config: dict | None = None):
+    """Sample the selected prompts into the GenEval layout with `pipeline`; returns the run folder."""
+    if args.ds_file:
+        logger.warning("--ds_file is ignored: sampling needs no DeepSpeed engine")
+    if args.batch_size < 1 or args.images_per_prompt < 1:
+        raise ValueError("--batch_size and --images_per_prompt must be >= 1")
+    prompts = load_prompts(args.prompts_file, args.metadata_file, args.limit)
+    run = run_dir(args.output_dir, args.resolution, args.num_inference_steps, args.guidance_scale, global_step)
+    pipeline.set_progress_bar_config(disable=True)
+    n = args.images_per_prompt
+
+    def generate(texts, generators):
+        return pipeline(
+            prompt=texts,
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            num_images_per_prompt=n,
+            generator=generators,
+            max_sequence_length=args.max_sequence_length,
+            transformer_batch_size=args.transformer_batch_size or n,
+        ).images
+
+    config = {
+        "pipeline": type(pipeline).__name__,
+        "resolution": args.resolution,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "max_sequence_length": args.max_sequence_length,
+        **(extra_config or {}),
+    }
+    shard = Shard.from_env()
+    written, skipped = generate_geneval(generate, prompts, run, n, args.batch_size, args.seed, shard, config)
+    print(f"[rank {shard.rank}] wrote {written} prompt folders, skipped {skipped} finished ones, in {run}")
+    return run

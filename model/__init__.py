@@ -1,0 +1,1 @@
+"""FLUX models, latents, text conditioning, time conventions and few-step pipelines."""
