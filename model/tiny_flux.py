@@ -24,7 +24,8 @@ import torch
 _EXTRA_WORDS = (
     "a an the photo of and with left right above below next to on in front behind one two three four five six "
     "seven eight nine ten red orange yellow green blue purple pink brown black white gray grey circle square "
-    "triangle star cross ring diamond hexagon heart shape small large big tiny picture image painting drawing"
+    "triangle star cross ring diamond hexagon heart shape small large big tiny picture image painting drawing "
+    "circles squares triangles stars crosses rings diamonds hexagons hearts shapes top bottom middle center"
 )
 
 
@@ -55,12 +56,44 @@ def _corpus_words() -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
-def _write_clip_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer in CLIP's vocab.json + merges.txt format, built without training.
+def _learn_bpe(words: list[tuple[str, int]], max_merges: int = 4000) -> list[tuple[str, str]]:
+    """Plain BPE training: repeatedly merge the most frequent adjacent pair (ties: the largest pair).
 
-    The vocabulary is the 256 byte symbols, each also with CLIP's end-of-word marker `</w>`, plus one chain
-    of prefix merges per corpus word, so known words become single tokens and any text stays encodable.
-    Built by plain rules (no hash-ordered trainer), so the files are identical on every run.
+    Training words end with CLIP's `</w>` marker; merges learned this way re-segment every training word
+    into a single token when applied in rank order, as CLIP's tokenizer does.
+    """
+    segmented = {tuple(word[:-1]) + (word[-1] + "</w>",): count for word, count in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter = Counter()
+        for symbols, count in segmented.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(best)
+        merged = {}
+        for symbols, count in segmented.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = count
+        segmented = merged
+    return merges
+
+
+def _write_clip_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer in CLIP's vocab.json + merges.txt format, trained on the corpus words.
+
+    The vocabulary is the 256 byte symbols, each also with CLIP's end-of-word marker `</w>`, plus the merges
+    of `_learn_bpe`, so known words become single tokens and any text stays encodable. No hash-ordered
+    trainer is involved, so the files are identical on every run.
     """
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
@@ -69,21 +102,14 @@ def _write_clip_tokenizer(folder: Path) -> None:
     vocab = {char: i for i, char in enumerate(alphabet)}
     for char in alphabet:
         vocab[char + "</w>"] = len(vocab)
-    merges: list[str] = []
-    for word, _ in _corpus_words():
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        prefix = symbols[0]
-        for symbol in symbols[1:]:
-            merged = prefix + symbol
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append(f"{prefix} {symbol}")
-            prefix = merged
+    merges = _learn_bpe(_corpus_words())
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     config = {"model_max_length": 77, "bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", **config}))
     # Round-trip through transformers so the folder holds the files the installed version expects.

@@ -1,0 +1,63 @@
+"""End to end: test_flux8b.py on the tiny FLUX, batched, resumed and under torchrun with 2 processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args, cwd=ROOT, launcher=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable]) + args
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def pngs(out):
+    run_folder = next(Path(out).glob("GenEval_RESOLUTION64_NFE4_cfg3.5/images/global_steps0"))
+    return {p.relative_to(run_folder): p.read_bytes() for p in sorted(run_folder.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_flux, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "b1"
+    args = ["test_flux8b.py", "--pretrained_model_name_or_path", str(tiny_flux), "--resolution", "64", "--limit", "3",
+            "--num_inference_steps", "4", "--max_sequence_length", "32", "--output_dir", str(out)]
+    run(args + ["--batch_size", "1"])
+    return args, out
+
+
+def test_teacher_writes_geneval_layout_and_resumes(teacher_run):
+    args, out = teacher_run
+    images = pngs(out)
+    assert len(images) == 12
+    assert {str(p.parent.parent) for p in images} == {"00000", "00001", "00002"}
+    assert len(set(images.values())) == 12  # 12 different images
+    again = run(args + ["--batch_size", "1"])
+    assert "wrote 0 prompt folders, skipped 3" in again.stdout
+
+
+def test_teacher_images_do_not_depend_on_batch_size(teacher_run, tmp_path):
+    args, out = teacher_run
+    run([a if a != str(out) else str(tmp_path / "b3") for a in args] + ["--batch_size", "3"])
+    assert pngs(tmp_path / "b3") == pngs(out)
+
+
+def test_teacher_images_do_not_depend_on_the_number_of_processes(teacher_run, tmp_path):
+    args, out = teacher_run
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    run([a if a != str(out) else str(tmp_path / "tr") for a in args], launcher=torchrun)
+    assert pngs(tmp_path / "tr") == pngs(out)
+
+
+def test_bad_resolution_is_a_clear_error(tiny_flux, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "test_flux8b.py", "--pretrained_model_name_or_path", str(tiny_flux),
+                             "--resolution", "72", "--limit", "1", "--output_dir", str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "not a multiple of 16" in result.stderr
