@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The embedded default job, on a CPU with no download: build a tiny random FLUX offline and sample a few
-# GenEval prompts with the teacher into the GenEval layout.
+# Set up (.venv) and run the embedded default job on a CPU with no download: build a tiny random FLUX
+# offline and sample a few GenEval prompts with the teacher into the GenEval layout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash script/setup.sh
+. .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 OUT=${OUT:-outputs/quickstart}
 python script/make_tiny_flux.py --output_dir "$OUT/tiny-flux"
