@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -243,6 +244,7 @@ def scm_loss_terms(
     step: int,
     config: SCMConfig,
     generator: torch.Generator,
+    student_forward: Callable | None = None,
 ) -> SCMTerms:
     """The sCM loss of one batch (METHODS 3.1-3.5); x0_bar are normalised latents packed [B, L, 64] (no sigma_d).
 
@@ -253,6 +255,10 @@ def scm_loss_terms(
          g = -cos^2 t (sigma_d F_minus - sigma_d F_pre) - r (sin t cos t x_t + sigma_d F_dot)
          g_hat = g / (||g|| + c), w = 1 / (sigma_d tan t)
          L = lambda mean[(w / e^l) (F_theta - F_minus - g_hat)^2 + l]
+
+    `student` is the plain TrigFlowModel (used for the JVP); `student_forward`, if given, is the same module as
+    wrapped by DDP / DeepSpeed, called for the forward with grad so that the engine sees it. `step` is the optimizer
+    step (for the warmup r); all randomness comes from `generator` (METHODS 8.6).
     """
     sd, dtype = config.sigma_data, _time_dtype(x0_bar)
     draws = sample_scm_draws(x0_bar.shape, config, generator, x0_bar.device)
@@ -263,7 +269,7 @@ def scm_loss_terms(
     with torch.no_grad():
         F_pre = teacher(x_t / sd, t, draws.guidance, cond, img_ids).to(dtype)
     _, F_dot = scm_tangent(student, x_t / sd, t, F_pre, draws.guidance, cond, img_ids)
-    F_theta, logvar = student(x_t / sd, t, draws.guidance, cond, img_ids, return_logvar=True)
+    F_theta, logvar = (student_forward or student)(x_t / sd, t, draws.guidance, cond, img_ids, return_logvar=True)
     F_minus = F_theta.detach()
 
     r = config.warmup_ratio(step)
@@ -293,9 +299,10 @@ def scm_loss(
     step: int,
     config: SCMConfig,
     generator: torch.Generator,
+    student_forward: Callable | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, logs) of `scm_loss_terms`: the training loop's entry point."""
-    terms = scm_loss_terms(student, teacher, x0_bar, cond, img_ids, step, config, generator)
+    """(loss, logs) of `scm_loss_terms`: the training loop's entry point. Logs are detached fp32 0-dim tensors."""
+    terms = scm_loss_terms(student, teacher, x0_bar, cond, img_ids, step, config, generator, student_forward)
     return terms.loss, terms.logs
 
 
