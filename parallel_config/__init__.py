@@ -43,7 +43,8 @@ def deepspeed_config(
     if micro != "auto" and int(micro) != train_batch_size:
         raise ValueError(
             f"{path} sets train_micro_batch_size_per_gpu={micro} but --train_batch_size is {train_batch_size}; "
-            f"use {default_config_path(train_batch_size).name} or make them agree"
+            + (f"use {default_config_path(train_batch_size)}" if default_config_path(train_batch_size).exists()
+               else "pass a config whose micro-batch matches (or set it to \"auto\")")
         )
     _agree(config, "gradient_clipping", max_grad_norm, "--max_grad_norm", path)
     _agree(config, "gradient_accumulation_steps", gradient_accumulation_steps, "--gradient_accumulation_steps", path)

@@ -141,6 +141,8 @@ def build_accelerator(args: argparse.Namespace, project: str):
                                                       backend=None if torch.cuda.is_available() else "gloo"))
     report_to = None if args.report_to in (None, "none") else args.report_to
     accelerator = Accelerator(
+        # on a machine without CUDA, torchrun processes are plain DDP over gloo only with cpu=True
+        cpu=not torch.cuda.is_available() and plugin is None,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=report_to,
@@ -275,8 +277,10 @@ class Trainer:
             self.ema.to(self.device)
             acc.register_for_checkpointing(self.ema)
         self.updates_per_epoch = updates_per_epoch
+        clip = self.student.gradient_clipping() if acc.distributed_type.name == "DEEPSPEED" else args.max_grad_norm
         self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "nonfinite_skipped": 0,
-                      "num_processes": acc.num_processes, "method": self.method.name}
+                      "num_processes": acc.num_processes, "method": self.method.name,
+                      "effective_max_grad_norm": clip}
 
     # ----- one step -----
     @torch.no_grad()

@@ -1,0 +1,172 @@
+"""The training skeleton through train_sCM.py on the tiny FLUX: steps, resume, crashes, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_sCM
+from training import Trainer, rank_seed
+from training.checkpoint import list_checkpoints, resolve_resume
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data"), num_images=12, resolution=32, seed=0)
+
+
+def scm_args(tiny_flux, dataset, out, *extra):
+    return ["--pretrained_model_name_or_path", str(tiny_flux), "--allow_unrescaled_teacher",
+            "--dataset_name", str(dataset), "--resolution", "32", "--train_batch_size", "2",
+            "--max_sequence_length", "16", "--dataloader_num_workers", "0", "--output_dir", str(out),
+            "--report_to", "none", "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
+            "--tangent_warmup_steps", "3", "--seed", "7", *extra]
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train(argv, method_hook=None):
+    reset_accelerate()
+    args = train_sCM.parse_args(argv)
+    method = train_sCM.SCM(args)
+    if method_hook:
+        method_hook(method)
+    try:
+        return Trainer(args, method).train()
+    finally:
+        reset_accelerate()
+
+
+def weights(folder):
+    return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
+def test_a_few_steps_train_checkpoint_and_export(tiny_flux, dataset, tmp_path):
+    out = tmp_path / "run"
+    final = train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                           "--checkpoints_total_limit", "1", "--gradient_checkpointing"))
+    assert [step for step, _ in list_checkpoints(out)] == [4]  # pruned to the newest
+    assert sorted(p.name for p in (out / "ckpts").iterdir()) == ["transformer_4.pt"]
+    exported = weights(final)
+    start = load_file(tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(exported) == set(start)
+    assert any(not torch.equal(exported[k], start[k]) for k in start)  # it trained
+    pt = torch.load(out / "ckpts" / "transformer_4.pt", map_location="cpu", weights_only=True)
+    assert set(pt) == {"module"} and all(torch.equal(pt["module"][k], exported[k]) for k in exported)
+    from model.transformer import FluxTransformer
+
+    student = FluxTransformer.from_pretrained(final)
+    assert student.config.time_input_scale == 1.0
+    state = json.loads((out / "training_summary.json").read_text())
+    assert state["global_step"] == 4 and state["nonfinite_skipped"] == 0
+
+
+def test_resume_continues_exactly(tiny_flux, dataset, tmp_path):
+    """6 steps straight == 3 steps, a crash, then --resume_from_checkpoint latest (fp32, CPU)."""
+    common = ("--max_train_steps", "6", "--checkpointing_steps", "3")
+    straight = weights(train(scm_args(tiny_flux, dataset, tmp_path / "a", *common)))
+
+    def crash_after_step_3(method):
+        original = method.loss
+
+        def loss(*args, **kwargs):
+            if args[3] >= 3:  # step index passed to the loss
+                raise KeyboardInterrupt("simulated kill")
+            return original(*args, **kwargs)
+
+        method.loss = loss
+
+    with pytest.raises(KeyboardInterrupt):
+        train(scm_args(tiny_flux, dataset, tmp_path / "b", *common), method_hook=crash_after_step_3)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3]
+    resumed = weights(train(scm_args(tiny_flux, dataset, tmp_path / "b", *common,
+                                     "--resume_from_checkpoint", "latest")))
+    assert set(resumed) == set(straight)
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(tiny_flux, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    original = Trainer.export
+
+    def export(self, folder, step):
+        calls["n"] += 1
+        if step == 4:
+            raise KeyboardInterrupt("killed while writing checkpoint-4")
+        return original(self, folder, step)
+
+    monkeypatch.setattr(Trainer, "export", export)
+    with pytest.raises(KeyboardInterrupt):
+        train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "6", "--checkpointing_steps", "2"))
+    assert resolve_resume(out, "latest") == out / "checkpoint-2"
+    assert (out / ".checkpoint-4.tmp").exists() and not (out / "checkpoint-4").exists()
+    monkeypatch.setattr(Trainer, "export", original)
+    train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                   "--resume_from_checkpoint", "latest"))
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6]
+
+
+def test_non_finite_loss_is_skipped_counted_and_stops_the_run(tiny_flux, dataset, tmp_path):
+    def nan_at(steps):
+        def hook(method):
+            original = method.loss
+
+            def loss(*args, **kwargs):
+                value, logs = original(*args, **kwargs)
+                return (value * float("nan") if args[3] in steps else value), logs
+
+            method.loss = loss
+        return hook
+
+    out = tmp_path / "skip"
+    train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "4", "--checkpointing_steps", "0"),
+          method_hook=nan_at({1}))
+    state = json.loads((out / "training_summary.json").read_text())
+    assert state["nonfinite_skipped"] == 1 and state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in weights(out / "transformer").values())
+
+    out = tmp_path / "stop"
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps"):
+        train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "8", "--checkpointing_steps", "0",
+                       "--max_nonfinite_steps", "3"), method_hook=nan_at({2, 3, 4, 5}))
+    assert [s for s, _ in list_checkpoints(out)] == [5]  # a checkpoint of the last good state + skips
+
+
+def test_bad_inputs_give_clear_errors(tiny_flux, dataset, tmp_path):
+    base = scm_args(tiny_flux, dataset, tmp_path / "x", "--max_train_steps", "1")
+    without_flag = [a for a in base if a != "--allow_unrescaled_teacher"]
+    with pytest.raises(ValueError, match="--rescaled_checkpoint_path is required"):
+        train(without_flag)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(without_flag + ["--rescaled_checkpoint_path", str(tmp_path / "absent.pt")])
+    torch.save({"module": {"proj_out.weight": torch.zeros(1)}}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="missing keys"):
+        train(without_flag + ["--rescaled_checkpoint_path", str(tmp_path / "wrong.pt")])
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8 but --train_batch_size is 2"):
+        train(base + ["--ds_file", str(ROOT / "parallel_config" / "deepspeed_bf16_batch8.json")])
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(PermissionError, match="not writable"):
+        train(scm_args(tiny_flux, dataset, blocked / "out", "--max_train_steps", "1"))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        train(base + ["--resume_from_checkpoint", str(tmp_path / "nothing")])
+
+
+def test_rank_streams_differ_and_are_reproducible():
+    assert rank_seed(7, 0) != rank_seed(7, 1) and rank_seed(7, 1) == rank_seed(7, 1) != rank_seed(8, 1)
