@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -43,6 +45,28 @@ def sampling_parser(description: str, default_steps: int, default_guidance: floa
     return p
 
 
+def add_student_args(parser: argparse.ArgumentParser) -> None:
+    """--resume_path (the student) and --global_step, and several step counts per run for students."""
+    parser.add_argument("--resume_path", required=True,
+                        help="the student: a .pt holding {'module': state_dict} (ours or the reference's released "
+                             "students), a .safetensors file, or a diffusers transformer folder")
+    parser.add_argument("--global_step", type=int, default=None,
+                        help="training step for the output folder name (default: parsed from --resume_path)")
+    for action in parser._actions:
+        if action.dest == "num_inference_steps":
+            action.nargs = "+"
+            action.help = "one or more step counts, e.g. 1 2 4 (one GenEval folder each)"
+
+
+def global_step_of(path: str | os.PathLike) -> int:
+    """The step in transformer_<k>.pt or checkpoint-<k>/..., else 0 (the reference parses the file name too)."""
+    for part in reversed(Path(path).parts):
+        match = re.fullmatch(r"(?:transformer_|checkpoint-)(\d+)(?:\.pt|\.safetensors)?", part)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
 def device_and_dtype(mixed_precision: str | None) -> tuple[torch.device, torch.dtype]:
     """This process's device (cuda:LOCAL_RANK under torchrun when CUDA exists, else CPU) and weight dtype."""
     if torch.cuda.is_available():
@@ -54,14 +78,16 @@ def device_and_dtype(mixed_precision: str | None) -> tuple[torch.device, torch.d
     return device, DTYPES[mixed_precision or default]
 
 
-def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_config: dict | None = None):
+def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_config: dict | None = None,
+                num_inference_steps: int | None = None):
     """Sample the selected prompts into the GenEval layout with `pipeline`; returns the run folder."""
+    steps = num_inference_steps or args.num_inference_steps
     if args.ds_file:
         logger.warning("--ds_file is ignored: sampling needs no DeepSpeed engine")
     if args.batch_size < 1 or args.images_per_prompt < 1:
         raise ValueError("--batch_size and --images_per_prompt must be >= 1")
     prompts = load_prompts(args.prompts_file, args.metadata_file, args.limit)
-    run = run_dir(args.output_dir, args.resolution, args.num_inference_steps, args.guidance_scale, global_step)
+    run = run_dir(args.output_dir, args.resolution, steps, args.guidance_scale, global_step)
     pipeline.set_progress_bar_config(disable=True)
     n = args.images_per_prompt
 
@@ -70,7 +96,7 @@ def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_
             prompt=texts,
             height=args.resolution,
             width=args.resolution,
-            num_inference_steps=args.num_inference_steps,
+            num_inference_steps=steps,
             guidance_scale=args.guidance_scale,
             num_images_per_prompt=n,
             generator=generators,
@@ -81,7 +107,7 @@ def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_
     config = {
         "pipeline": type(pipeline).__name__,
         "resolution": args.resolution,
-        "num_inference_steps": args.num_inference_steps,
+        "num_inference_steps": steps,
         "guidance_scale": args.guidance_scale,
         "max_sequence_length": args.max_sequence_length,
         **(extra_config or {}),
@@ -90,3 +116,10 @@ def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_
     written, skipped = generate_geneval(generate, prompts, run, n, args.batch_size, args.seed, shard, config)
     print(f"[rank {shard.rank}] wrote {written} prompt folders, skipped {skipped} finished ones, in {run}")
     return run
+
+
+def run_student_geneval(args: argparse.Namespace, pipeline) -> list:
+    """Every requested step count of a student into its own GenEval folder."""
+    step = args.global_step if args.global_step is not None else global_step_of(args.resume_path)
+    return [run_geneval(args, pipeline, step, {"resume_path": str(args.resume_path)}, n)
+            for n in args.num_inference_steps]

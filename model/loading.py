@@ -111,6 +111,7 @@ def load_transformer(
     revision: str | None = None,
     variant: str | None = None,
     cache_dir: str | None = None,
+    drop_keys: tuple[str, ...] = (),
 ) -> FluxTransformer:
     """A FluxTransformer from a diffusers model (folder or hub id), optionally with weights from `weights_path`.
 
@@ -119,6 +120,8 @@ def load_transformer(
       architecture still comes from `pretrained_model_name_or_path`.
     - `dual_timestep`: MeanFlow student. If the weights hold no `timestep_embedder2`, it is created as a
       copy of the time embedder (zeroed output layer with `zero_init_dual`).
+    - `drop_keys`: prefixes of training-only keys a checkpoint may carry and inference ignores (named and
+      logged, e.g. sCM's "logvar_linear."); every other key must still match.
     """
     overrides = {} if time_input_scale is None else {"time_input_scale": time_input_scale}
     hub = {"revision": revision, "variant": variant, "cache_dir": cache_dir}
@@ -126,6 +129,10 @@ def load_transformer(
         model = FluxTransformer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **hub, **overrides)
     else:
         state_dict = read_state_dict(weights_path)
+        dropped = [k for k in state_dict if drop_keys and k.startswith(drop_keys)]
+        if dropped:
+            logger.info("ignoring training-only keys of %s: %s", weights_path, dropped)
+            state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
         config = FluxTransformer.load_config(
             pretrained_model_name_or_path, subfolder=subfolder, revision=revision, cache_dir=cache_dir
         )

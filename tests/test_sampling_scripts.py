@@ -61,3 +61,23 @@ def test_bad_resolution_is_a_clear_error(tiny_flux, tmp_path):
                              "--resolution", "72", "--limit", "1", "--output_dir", str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "not a multiple of 16" in result.stderr
+
+
+def test_scm_student_script_samples_1_2_4_steps_from_a_reference_checkpoint(tiny_flux, tmp_path):
+    """A reference-style student .pt ({"module": ...} with the training-only logvar head) loads as it is."""
+    import torch
+
+    from model.loading import load_transformer
+
+    state = load_transformer(str(tiny_flux), time_input_scale=1.0).state_dict()
+    state.update({"logvar_linear.weight": torch.zeros(1, 32), "logvar_linear.bias": torch.zeros(1)})
+    ckpt = tmp_path / "ckpts" / "transformer_1500.pt"
+    ckpt.parent.mkdir()
+    torch.save({"module": state}, ckpt)
+    out = tmp_path / "geneval"
+    run(["test_sCM.py", "--pretrained_model_name_or_path", str(tiny_flux), "--resume_path", str(ckpt),
+         "--num_inference_steps", "1", "2", "4", "--resolution", "64", "--limit", "2", "--max_sequence_length", "16",
+         "--output_dir", str(out)])
+    for nfe in (1, 2, 4):
+        folder = out / f"GenEval_RESOLUTION64_NFE{nfe}_cfg3.5" / "images" / "global_steps1500"
+        assert len(list(folder.glob("0000[01]/samples/*.png"))) == 8, nfe
