@@ -1,21 +1,4 @@
 #!/usr/bin/env bash
-# Sample the GenEval prompts with an sCM student on every GPU of this node.
-#   bash script/geneval_sCM.sh CKPT_PATH CKPT_ITER [NFE...]      (default NFE: 1 2 4)
-# reads CKPT_PATH/ckpts/transformer_{CKPT_ITER}.pt and writes CKPT_PATH/GenEval/GenEval_RESOLUTION..._NFE{n}_cfg{g}/.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-CKPT_PATH=${1:?CKPT_PATH required}
-CKPT_ITER=${2:?CKPT_ITER required}
-shift 2
-NFE=${*:-1 2 4}
-MODEL_NAME=${MODEL_NAME:-Freepik/flux.1-lite-8B}
-RESOLUTION=${RESOLUTION:-512}
-CFG=${CFG:-3.5}
-NPROC=${NPROC:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-# shellcheck disable=SC2086
-torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29331}" test_sCM.py \
-  --pretrained_model_name_or_path "$MODEL_NAME" \
-  --max_sequence_length 256 --seed 42 \
-  --resolution "$RESOLUTION" --num_inference_steps $NFE --guidance_scale "$CFG" \
-  --output_dir "$CKPT_PATH/GenEval" \
-  --resume_path "$CKPT_PATH/ckpts/transformer_${CKPT_ITER}.pt"
+# GenEval sampling of an sCM student:  bash script/geneval_sCM.sh CKPT_PATH CKPT_ITER [NFE...] (default 1 2 4)
+# Environment: MODEL_NAME, RESOLUTION (512), CFG (3.5; the reference's README suggests 4.5 at 1-2 steps), NPROC.
+exec bash "$(dirname "$0")/geneval_student.sh" test_sCM.py "$@"

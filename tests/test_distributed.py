@@ -20,11 +20,11 @@ def dataset(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("data"), num_images=12, resolution=32, seed=1)
 
 
-def torchrun(args, port):
+def torchrun(script, args, port):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "train_sCM.py", *args]
+           script, *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -34,8 +34,9 @@ def exported(out):
     return load_file(Path(out) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
-def test_two_processes_train_and_resume_exactly(tiny_flux, dataset, tmp_path, engine):
+@pytest.mark.parametrize("script,engine", [("train_sCM.py", "ddp"), ("train_sCM.py", "deepspeed"),
+                                           ("train_meanflow.py", "deepspeed")])
+def test_two_processes_train_and_resume_exactly(tiny_flux, dataset, tmp_path, script, engine):
     common = ["--pretrained_model_name_or_path", str(tiny_flux), "--allow_unrescaled_teacher",
               "--dataset_name", str(dataset), "--resolution", "32", "--train_batch_size", "2",
               "--max_sequence_length", "16", "--dataloader_num_workers", "0", "--report_to", "none",
@@ -45,11 +46,13 @@ def test_two_processes_train_and_resume_exactly(tiny_flux, dataset, tmp_path, en
         config["train_micro_batch_size_per_gpu"] = 2
         (tmp_path / "ds.json").write_text(json.dumps(config))
         common += ["--ds_file", str(tmp_path / "ds.json")]
-    port = 29620 if engine == "ddp" else 29640
-    torchrun(common + ["--output_dir", str(tmp_path / "straight"), "--max_train_steps", "3"], port)
-    torchrun(common + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"], port + 1)
-    log = torchrun(common + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "3",
-                             "--resume_from_checkpoint", "latest"], port + 2)
+    if script == "train_meanflow.py":
+        common += ["--use_cfg_meanflow", "True", "--cfg_kappa", "0.5"]
+    port = {"ddp": 29620, "deepspeed": 29640}[engine] + (10 if script == "train_meanflow.py" else 0)
+    torchrun(script, common + ["--output_dir", str(tmp_path / "straight"), "--max_train_steps", "3"], port)
+    torchrun(script, common + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"], port + 1)
+    log = torchrun(script, common + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "3",
+                                     "--resume_from_checkpoint", "latest"], port + 2)
     assert "resumed from" in log.stderr
 
     checkpoint = tmp_path / "straight" / "checkpoint-2"

@@ -81,3 +81,20 @@ def test_scm_student_script_samples_1_2_4_steps_from_a_reference_checkpoint(tiny
     for nfe in (1, 2, 4):
         folder = out / f"GenEval_RESOLUTION64_NFE{nfe}_cfg3.5" / "images" / "global_steps1500"
         assert len(list(folder.glob("0000[01]/samples/*.png"))) == 8, nfe
+
+
+def test_meanflow_student_script_loads_a_reference_dual_timestep_checkpoint(tiny_flux, tmp_path):
+    import torch
+
+    from model.loading import load_transformer
+
+    student = load_transformer(str(tiny_flux), time_input_scale=1.0, dual_timestep=True)
+    ckpt = tmp_path / "transformer_2000.pt"
+    torch.save({"module": student.state_dict()}, ckpt)
+    out = tmp_path / "geneval"
+    run(["test_meanflow.py", "--pretrained_model_name_or_path", str(tiny_flux), "--resume_path", str(ckpt),
+         "--num_inference_steps", "1", "4", "--resolution", "64", "--limit", "1", "--max_sequence_length", "16",
+         "--output_dir", str(out)])
+    for nfe in (1, 4):
+        folder = out / f"GenEval_RESOLUTION64_NFE{nfe}_cfg3.5" / "images" / "global_steps2000" / "00000"
+        assert len(list((folder / "samples").glob("*.png"))) == 4

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_meanflow
 import train_sCM
 from training import Trainer, rank_seed
 from training.checkpoint import list_checkpoints, resolve_resume
@@ -39,10 +40,14 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def train(argv, method_hook=None):
+METHODS = {"scm": (train_sCM.parse_args, train_sCM.SCM), "meanflow": (train_meanflow.parse_args, train_meanflow.MeanFlow)}
+
+
+def train(argv, method_hook=None, method="scm"):
     reset_accelerate()
-    args = train_sCM.parse_args(argv)
-    method = train_sCM.SCM(args)
+    parse, cls = METHODS[method]
+    args = parse(argv)
+    method = cls(args)
     if method_hook:
         method_hook(method)
     try:
@@ -75,10 +80,20 @@ def test_a_few_steps_train_checkpoint_and_export(tiny_flux, dataset, tmp_path):
     assert state["global_step"] == 4 and state["nonfinite_skipped"] == 0
 
 
-def test_resume_continues_exactly(tiny_flux, dataset, tmp_path):
+METHOD_FLAGS = {"scm": (), "meanflow": ("--use_cfg_meanflow", "True", "--cfg_kappa", "0.5", "--cfg_prob", "0.3")}
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_resume_continues_exactly(tiny_flux, dataset, tmp_path, method):
     """6 steps straight == 3 steps, a crash, then --resume_from_checkpoint latest (fp32, CPU)."""
-    common = ("--max_train_steps", "6", "--checkpointing_steps", "3")
-    straight = weights(train(scm_args(tiny_flux, dataset, tmp_path / "a", *common)))
+    common = ("--max_train_steps", "6", "--checkpointing_steps", "3", *METHOD_FLAGS[method])
+    argv = [a for a in scm_args(tiny_flux, dataset, "OUT") if a not in ("--tangent_warmup_steps", "3")] \
+        if method == "meanflow" else scm_args(tiny_flux, dataset, "OUT")
+
+    def args_for(out, *extra):
+        return [str(out) if a == "OUT" else a for a in argv] + list(common) + list(extra)
+
+    straight = weights(train(args_for(tmp_path / "a"), method=method))
 
     def crash_after_step_3(method):
         original = method.loss
@@ -91,10 +106,9 @@ def test_resume_continues_exactly(tiny_flux, dataset, tmp_path):
         method.loss = loss
 
     with pytest.raises(KeyboardInterrupt):
-        train(scm_args(tiny_flux, dataset, tmp_path / "b", *common), method_hook=crash_after_step_3)
+        train(args_for(tmp_path / "b"), method_hook=crash_after_step_3, method=method)
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3]
-    resumed = weights(train(scm_args(tiny_flux, dataset, tmp_path / "b", *common,
-                                     "--resume_from_checkpoint", "latest")))
+    resumed = weights(train(args_for(tmp_path / "b", "--resume_from_checkpoint", "latest"), method=method))
     assert set(resumed) == set(straight)
     for k in straight:
         assert torch.equal(resumed[k], straight[k]), k
@@ -170,3 +184,16 @@ def test_bad_inputs_give_clear_errors(tiny_flux, dataset, tmp_path):
 
 def test_rank_streams_differ_and_are_reproducible():
     assert rank_seed(7, 0) != rank_seed(7, 1) and rank_seed(7, 1) == rank_seed(7, 1) != rank_seed(8, 1)
+
+
+def test_meanflow_trains_a_dual_timestep_student_that_starts_as_the_teacher(tiny_flux, dataset, tmp_path):
+    from model.transformer import FluxTransformer
+
+    argv = [a for a in scm_args(tiny_flux, dataset, tmp_path / "mf", "--max_train_steps", "2",
+                                "--checkpointing_steps", "2", "--zero_init_dual", "--use_cfg_meanflow", "True")
+            if a not in ("--tangent_warmup_steps", "3")]
+    final = train(argv, method="meanflow")
+    student = FluxTransformer.from_pretrained(final)
+    assert student.config.dual_timestep and student.config.time_input_scale == 1.0
+    pt = torch.load(tmp_path / "mf" / "ckpts" / "transformer_2.pt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("timestep_embedder2.") for k in pt["module"])
