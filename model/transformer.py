@@ -34,8 +34,8 @@ def sinusoidal_embedding(x: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period:
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    args = x.to(dtype)[:, None] * freqs.to(dtype)[None, :]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=x.device) / half)
+    args = x.to(dtype)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 DUAL_TIMESTEP_KEYS = ("timestep_embedder2.",)
 

@@ -263,6 +263,11 @@ class Trainer:
             raise ValueError(f"the dataset ({len(dataset)} items) is smaller than one batch per process")
         if args.max_train_steps is None:
             args.max_train_steps = args.num_train_epochs * updates_per_epoch
+        if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
+            # diffusers' "constant" ignores warmup (so does the reference, METHODS 8.20): honour the request
+            logger.info("--lr_scheduler constant with --lr_warmup_steps %d: using constant_with_warmup",
+                        args.lr_warmup_steps)
+            args.lr_scheduler = "constant_with_warmup"
         lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                      num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=args.max_train_steps * acc.num_processes,
