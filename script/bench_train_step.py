@@ -6,6 +6,7 @@ Without a model path it builds the `small` tiny FLUX (5.2M parameters, 1024 imag
 temporary folder. Each configuration runs in its own subprocess so that its peak memory is its own:
   teacher_forward  one no-grad forward of the frozen teacher on the batch (the unit of cost)
   ours             the full training step: loss (teacher, JVP, student forward) + backward + AdamW
+                   (MeanFlow: with CFG-MeanFlow on and r != t, its most expensive setting)
   reference_attn   the same step with the reference's choice of math attention for every student pass
                    (its "vanilla" processors), instead of fused attention outside the JVP
 Prints seconds per step, peak memory (CUDA allocator peak on GPU, process peak RSS on CPU) and ratios.
@@ -47,21 +48,28 @@ def build_inputs(model_dir: str, batch: int, resolution: int, text_len: int, dev
     return x0, cond, image_ids(h, w, device=device)
 
 
-def scm_step_fn(model_dir, x0, cond, img_ids, device, reference_attention: bool):
-    import torch
+def _student_attention(net, reference_attention: bool) -> None:
+    """Ours: fused attention, math only while JVP tangents flow; the reference: math attention everywhere."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     from model.attention import use_jvp_attention
-    from model.loading import load_transformer
-    from model.scm import SCMConfig, TrigFlowModel, scm_loss
 
-    teacher = TrigFlowModel(load_transformer(model_dir, time_input_scale=1.0).to(device)).requires_grad_(False)
-    net = load_transformer(model_dir, time_input_scale=1.0).to(device)
     if reference_attention:  # per processor: set_attention_backend() would also switch the teacher's default
         for processor in net.attn_processors.values():
             processor._attention_backend = AttentionBackendName._NATIVE_MATH
     else:
         use_jvp_attention(net)
+
+
+def scm_step_fn(model_dir, x0, cond, img_ids, device, reference_attention: bool):
+    import torch
+
+    from model.loading import load_transformer
+    from model.scm import SCMConfig, TrigFlowModel, scm_loss
+
+    teacher = TrigFlowModel(load_transformer(model_dir, time_input_scale=1.0).to(device)).requires_grad_(False)
+    net = load_transformer(model_dir, time_input_scale=1.0).to(device)
+    _student_attention(net, reference_attention)
     student = TrigFlowModel(net, logvar_head=True).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     config = SCMConfig(tangent_warmup_steps=0)
@@ -81,7 +89,37 @@ def scm_step_fn(model_dir, x0, cond, img_ids, device, reference_attention: bool)
     return step, teacher_forward
 
 
-METHODS = {"scm": scm_step_fn}
+def meanflow_step_fn(model_dir, x0, cond, img_ids, device, reference_attention: bool):
+    import torch
+
+    from model.loading import load_transformer
+    from model.meanflow import MeanFlowConfig, meanflow_loss
+    from model.rescale import velocity
+
+    teacher = load_transformer(model_dir, time_input_scale=1.0).to(device).requires_grad_(False)
+    student = load_transformer(model_dir, time_input_scale=1.0, dual_timestep=True).to(device)
+    _student_attention(student, reference_attention)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    config = MeanFlowConfig(use_cfg_meanflow=True, cfg_kappa=0.5, ratio_r_not_equal_t=1.0)
+    neg = cond.index(slice(0, 1))
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        loss, _ = meanflow_loss(student, teacher, x0, cond, neg, img_ids, config, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def teacher_forward():
+        with torch.no_grad():
+            b = x0.shape[0]
+            velocity(teacher, x0, torch.full((b,), 0.7, device=device), torch.full((b,), 4.0, device=device), cond,
+                     img_ids)
+
+    return step, teacher_forward
+
+
+METHODS = {"scm": scm_step_fn, "meanflow": meanflow_step_fn}
 
 
 def measure(args) -> dict:

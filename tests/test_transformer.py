@@ -179,3 +179,44 @@ def test_sinusoidal_embedding_equals_diffusers_time_proj():
     x = torch.tensor([0.0, 0.37, 1.0, 250.0, 999.0])
     assert torch.equal(sinusoidal_embedding(x), Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(x))
     assert sinusoidal_embedding(x.double()).dtype == torch.float64
+
+
+def _plain_attention(q, k, v):
+    return torch.softmax((q / q.shape[-1] ** 0.5) @ k.transpose(-1, -2), dim=-1) @ v
+
+
+@pytest.mark.parametrize("block_bytes", [None, 2048])  # one chunk, or many small query chunks
+def test_attention_jvp_rule_equals_autodiff_of_plain_attention(monkeypatch, block_bytes):
+    import model.attention as A
+
+    if block_bytes:
+        monkeypatch.setitem(A.SCORE_BLOCK_BYTES, "cpu", block_bytes)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dq, dk, dv = (torch.randn(2, 3, 40, 8, generator=g, dtype=torch.float64) for _ in range(6))
+    with torch.no_grad():
+        out, expected = torch.func.jvp(_plain_attention, (q, k, v), (dq, dk, dv))
+        out2, got = torch.func.jvp(lambda a, b, c: A.AttentionJVP.apply(a, b, c, 8 ** -0.5), (q, k, v), (dq, dk, dv))
+        assert torch.allclose(out2, out, atol=1e-12) and torch.allclose(got, expected, atol=1e-10)
+        # tangents for only some inputs (the others are None inside the rule)
+        _, expected_q = torch.func.jvp(lambda a: _plain_attention(a, k, v), (q,), (dq,))
+        _, got_q = torch.func.jvp(lambda a: A.AttentionJVP.apply(a, k, v, 8 ** -0.5), (q,), (dq,))
+        assert torch.allclose(got_q, expected_q, atol=1e-10)
+    if block_bytes:
+        assert A._query_chunk(q, k) < q.shape[-2]  # the chunked path really ran
+
+
+def test_jvp_processor_routes_attention_only_while_tangents_flow(tiny_flux, monkeypatch):
+    import model.attention as A
+
+    calls = []
+    original = A.attention_tangent
+    monkeypatch.setattr(A, "attention_tangent", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = use_jvp_attention(load_transformer(str(tiny_flux), time_input_scale=1.0))
+    kw, t, g = inputs(seed=7), torch.tensor([0.3, 0.6]), torch.tensor([4.0, 4.0])
+    x = kw.pop("hidden_states")
+    f = _jvp_function(model, kw, g)
+    with torch.no_grad():
+        f(x, t)
+        assert calls == []
+        torch.func.jvp(f, (x, t), (torch.ones_like(x), torch.zeros_like(t)))
+    assert len(calls) == model.config.num_layers + model.config.num_single_layers
