@@ -8,23 +8,12 @@ students as they are. Batched, sharded under torchrun, resumable and seeded per 
 Sampling: z_r = z_t - (t - r) u(z_t, t, t - r) on FLUX's resolution-shifted schedule (METHODS 5.2).
 """
 
-from evaluation.sampling import add_student_args, device_and_dtype, run_student_geneval, sampling_parser
-from model.loading import load_transformer
+from evaluation.sampling import student_main
 from model.pipeline import FluxMeanFlowPipeline
 
 
-def main(argv=None) -> None:
-    parser = sampling_parser(__doc__.splitlines()[0], default_steps=[4])
-    add_student_args(parser)
-    args = parser.parse_args(argv)
-    device, dtype = device_and_dtype(args.mixed_precision)
-    hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
-    transformer = load_transformer(args.pretrained_model_name_or_path, weights_path=args.resume_path,
-                                   time_input_scale=1.0, dual_timestep=True, dtype=dtype, **hub)
-    pipeline = FluxMeanFlowPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, transformer=transformer, dtype=dtype, **hub
-    ).to(device)
-    run_student_geneval(args, pipeline)
+def main(argv=None):
+    return student_main(__doc__, FluxMeanFlowPipeline, argv, dual_timestep=True)
 
 
 if __name__ == "__main__":

@@ -8,24 +8,13 @@ students as they are. Batched, sharded under torchrun, resumable and seeded per 
 Two steps use the intermediate angle 1.3 (METHODS 5.1).
 """
 
-from evaluation.sampling import add_student_args, device_and_dtype, run_student_geneval, sampling_parser
-from model.loading import load_transformer
+from evaluation.sampling import student_main
 from model.pipeline import FluxSCMPipeline
 
 
-def main(argv=None) -> None:
-    parser = sampling_parser(__doc__.splitlines()[0], default_steps=[4])
-    add_student_args(parser)
-    args = parser.parse_args(argv)
-    device, dtype = device_and_dtype(args.mixed_precision)
-    hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+def main(argv=None):
     # the reference's sCM checkpoints also hold the training-only log-variance head
-    transformer = load_transformer(args.pretrained_model_name_or_path, weights_path=args.resume_path,
-                                   time_input_scale=1.0, dtype=dtype, drop_keys=("logvar_linear.",), **hub)
-    pipeline = FluxSCMPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, transformer=transformer, dtype=dtype, **hub
-    ).to(device)
-    run_student_geneval(args, pipeline)
+    return student_main(__doc__, FluxSCMPipeline, argv, drop_keys=("logvar_linear.",))
 
 
 if __name__ == "__main__":

@@ -123,3 +123,19 @@ def run_student_geneval(args: argparse.Namespace, pipeline) -> list:
     step = args.global_step if args.global_step is not None else global_step_of(args.resume_path)
     return [run_geneval(args, pipeline, step, {"resume_path": str(args.resume_path)}, n)
             for n in args.num_inference_steps]
+
+
+def student_main(doc: str, pipeline_cls, argv=None, **load_kwargs) -> list:
+    """The whole of test_sCM.py / test_meanflow.py: parse, load the x1 student from --resume_path, sample."""
+    from model.loading import load_transformer
+
+    parser = sampling_parser(doc.splitlines()[0], default_steps=[4])
+    add_student_args(parser)
+    args = parser.parse_args(argv)
+    device, dtype = device_and_dtype(args.mixed_precision)
+    hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    transformer = load_transformer(args.pretrained_model_name_or_path, weights_path=args.resume_path,
+                                   time_input_scale=1.0, dtype=dtype, **load_kwargs, **hub)
+    pipeline = pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, transformer=transformer, dtype=dtype,
+                                            **hub).to(device)
+    return run_student_geneval(args, pipeline)
