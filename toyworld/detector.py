@@ -1,16 +1,19 @@
-"""An analytic (weight-free) detector for the toy world: colour segmentation, components, shape geometry.
+"""An analytic (weight-free) detector for the toy world: colour segmentation, components, shape fitting.
 
 Pipeline of `ShapeDetector.detect`:
 1. Colour: each pixel is explained as a blend `background + alpha * (colour - background)` of the background
    and one palette colour; the colour with the smallest residual wins, and the pixel is foreground when its
    alpha >= 0.5 and the residual <= `max_residual`. Anti-aliased / blurred edges thus split at the true
    edge instead of turning into other colours, and off-palette pixels stay background.
-2. Cleanup: a pixel takes label L when >= 7 of its 8 neighbours are L (removes salt noise, fills pinholes
-   and 1-pixel spurs; keeps square corners).
+2. Cleanup: a pixel takes label L when >= 7 of its 8 neighbours are L (removes specks and the tips of
+   1-pixel-wide protrusions, fills pinholes, keeps square corners).
 3. 4-connected components of equal labels (numpy min-label propagation with pointer jumping); components
    smaller than `min_area_fraction` of the image are noise.
-4. Shape from geometry: each shape's template (rasterised like the world draws it) is stretched to the
-   component's bounding box; the best IoU names the shape and is the detection's score. Blobs with a
+4. Shape by analysis-by-synthesis on the soft mask (the alphas of the component's colour around it):
+   for each shape hypothesis, its side follows from the alpha mass (area) and its box from the alpha
+   centroid; the shape's anti-aliased coverage there is compared with the soft mask by soft IoU
+   (sum of minima / sum of maxima). The best IoU names the shape and is the detection's score. Mass and
+   centroid survive blur, and sub-pixel coverage keeps 8-px circles apart from squares. Blobs with a
    bounding-box aspect ratio above `max_aspect` or a best IoU below `min_iou` are not objects.
 
 `Detector` is the interface the scorer uses, so a learned detector can replace this one.
@@ -18,7 +21,6 @@ Pipeline of `ShapeDetector.detect`:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional, Protocol
 
@@ -27,11 +29,22 @@ from PIL import Image
 
 from toyworld.world import BACKGROUND, COLORS
 
-# Each shape as an indicator on its bounding box normalised to the unit square (u right, v down).
-SHAPE_REGIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "circle": lambda u, v: (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25,
-    "square": lambda u, v: (u >= 0) & (v >= 0),
-    "triangle": lambda u, v: np.abs(u - 0.5) <= v / 2,  # apex up, base along the bottom edge
+WINDOW_PAD = 2  # pixels around a component's box that its soft mask may extend to (blurred edges)
+
+
+@dataclass(frozen=True)
+class ShapeGeometry:
+    """A shape filling its unit box (u right, v down): indicator, area share of the box, centroid height."""
+
+    region: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    area_fraction: float
+    centroid_v: float
+
+
+GEOMETRY: dict[str, ShapeGeometry] = {
+    "circle": ShapeGeometry(lambda u, v: (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25, np.pi / 4, 0.5),
+    "square": ShapeGeometry(lambda u, v: np.ones(np.broadcast(u, v).shape, bool), 1.0, 0.5),
+    "triangle": ShapeGeometry(lambda u, v: np.abs(u - 0.5) <= v / 2, 0.5, 2 / 3),  # apex up
 }
 
 
@@ -44,7 +57,7 @@ class Detection:
     bbox: tuple[int, int, int, int]
     centroid: tuple[float, float]
     area: int
-    score: float  # IoU with the shape template, in (0, 1]; orders detections like a detector's confidence
+    score: float  # soft IoU of the fitted shape, in (0, 1]; orders detections like a detector's confidence
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,16 +69,23 @@ class Detector(Protocol):
         ...
 
 
-def color_labels(pixels: np.ndarray, palette: np.ndarray, background: np.ndarray, max_residual: float) -> np.ndarray:
-    """Per-pixel label: 0 for background, k + 1 for palette colour k (see the module docstring, step 1)."""
+def blend_alphas(pixels: np.ndarray, palette: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel and palette colour: alpha >= 0 of the closest blend background + alpha * (colour -
+    background), and the RGB distance of the pixel to that blend; both (H, W, K)."""
     offsets = pixels.astype(np.float64)[..., None, :] - background  # (H, W, 1, 3)
     directions = palette - background  # (K, 3)
-    alpha = np.maximum((offsets * directions).sum(-1) / (directions ** 2).sum(-1), 0.0)  # (H, W, K)
+    alpha = np.maximum((offsets * directions).sum(-1) / (directions ** 2).sum(-1), 0.0)
     residual = np.linalg.norm(offsets - alpha[..., None] * directions, axis=-1)
-    best = residual.argmin(-1)
-    best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
-    best_residual = np.take_along_axis(residual, best[..., None], -1)[..., 0]
-    return np.where((best_alpha >= 0.5) & (best_residual <= max_residual), best + 1, 0)
+    return alpha, residual
+
+
+def color_labels(alpha: np.ndarray, residual: np.ndarray, max_residual: float) -> np.ndarray:
+    """Per-pixel label: k + 1 for the best-explaining palette colour k when its alpha >= 0.5 and its
+    residual <= `max_residual`, else 0 (background)."""
+    best = residual.argmin(-1)[..., None]
+    best_alpha = np.take_along_axis(alpha, best, -1)[..., 0]
+    best_residual = np.take_along_axis(residual, best, -1)[..., 0]
+    return np.where((best_alpha >= 0.5) & (best_residual <= max_residual), best[..., 0] + 1, 0)
 
 
 def clean_labels(labels: np.ndarray, num_labels: int, min_neighbours: int = 7) -> np.ndarray:
@@ -78,8 +98,7 @@ def clean_labels(labels: np.ndarray, num_labels: int, min_neighbours: int = 7) -
             if dy or dx:
                 shifted = padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
                 counts += shifted[None] == np.arange(num_labels)[:, None, None]
-    majority = counts.argmax(0)
-    return np.where(counts.max(0) >= min_neighbours, majority, labels)
+    return np.where(counts.max(0) >= min_neighbours, counts.argmax(0), labels)
 
 
 def connected_components(labels: np.ndarray) -> np.ndarray:
@@ -95,7 +114,7 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
         new[:-1] = np.where(same_down, np.minimum(new[:-1], ids[1:]), new[:-1])
         new[:, 1:] = np.where(same_right, np.minimum(new[:, 1:], ids[:, :-1]), new[:, 1:])
         new[:, :-1] = np.where(same_right, np.minimum(new[:, :-1], ids[:, 1:]), new[:, :-1])
-        new = np.append(new.ravel(), sentinel)[new]  # pointer jumping: take the label of the pixel pointed to
+        new = np.append(new.ravel(), sentinel)[new]  # pointer jumping: take the id of the pixel pointed to
         if np.array_equal(new, ids):
             break
         ids = new
@@ -103,26 +122,30 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
     return np.where(ids == sentinel, -1, compact)
 
 
-@functools.lru_cache(maxsize=4096)
-def shape_template(shape: str, height: int, width: int, subsamples: int = 4) -> np.ndarray:
-    """Pixels of a `height` x `width` box that `shape`, filling the box, covers at least half of."""
+def shape_coverage(shape: str, box: tuple[float, float, float], window: tuple[int, int, int, int],
+                   subsamples: int = 4) -> np.ndarray:
+    """Fraction of each pixel of `window` (x0, y0, x1, y1) covered by `shape` in the box (x0, y0, side)."""
+    box_x0, box_y0, side = box
+    x0, y0, x1, y1 = window
     offsets = (np.arange(subsamples) + 0.5) / subsamples
-    v = ((np.arange(height)[:, None] + offsets).ravel() / height)[:, None]
-    u = ((np.arange(width)[:, None] + offsets).ravel() / width)[None, :]
-    coverage = SHAPE_REGIONS[shape](u, v).reshape(height, subsamples, width, subsamples).mean((1, 3))
-    return coverage >= 0.5
+    u = (((np.arange(x0, x1)[:, None] + offsets).ravel() - box_x0) / side)[None, :]
+    v = (((np.arange(y0, y1)[:, None] + offsets).ravel() - box_y0) / side)[:, None]
+    inside = GEOMETRY[shape].region(u, v) & (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    return inside.reshape(y1 - y0, subsamples, x1 - x0, subsamples).mean((1, 3))
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """The shape whose template, stretched to the mask's bounding box, has the highest IoU with it."""
-    ys, xs = np.nonzero(mask)
-    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+def fit_shapes(soft: np.ndarray, window: tuple[int, int, int, int]) -> dict[str, float]:
+    """Soft IoU with `soft` (the soft mask over `window`) of each shape, sized by the mask's mass and
+    placed at its centroid."""
+    mass = soft.sum()
+    ys, xs = np.mgrid[window[1]:window[3], window[0]:window[2]] + 0.5
+    centre_x, centre_y = (soft * xs).sum() / mass, (soft * ys).sum() / mass
     ious = {}
-    for shape in SHAPE_REGIONS:
-        template = shape_template(shape, *crop.shape)
-        ious[shape] = float((crop & template).sum() / (crop | template).sum())
-    best = max(ious, key=ious.get)
-    return best, ious[best]
+    for shape, geometry in GEOMETRY.items():
+        side = float(np.sqrt(mass / geometry.area_fraction))
+        coverage = shape_coverage(shape, (centre_x - side / 2, centre_y - geometry.centroid_v * side, side), window)
+        ious[shape] = float(np.minimum(soft, coverage).sum() / np.maximum(soft, coverage).sum())
+    return ious
 
 
 class ShapeDetector:
@@ -147,28 +170,34 @@ class ShapeDetector:
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """Detections in `image`, best shape fit first."""
-        pixels = np.asarray(image.convert("RGB"))
-        labels = color_labels(pixels, self.palette, self.background, self.max_residual)
-        labels = clean_labels(labels, len(self.color_names) + 1)
+        alpha, residual = blend_alphas(np.asarray(image.convert("RGB")), self.palette, self.background)
+        labels = clean_labels(color_labels(alpha, residual, self.max_residual), len(self.color_names) + 1)
         components = connected_components(labels)
         sizes = np.bincount(components[components >= 0])
+        nearest = residual.argmin(-1)
         detections = []
         for component in np.flatnonzero(sizes >= self.min_area_fraction * labels.size):
             mask = components == component
-            detection = self._describe(mask, self.color_names[labels[mask][0] - 1])
+            k = labels[mask][0] - 1
+            soft = np.where(mask | ((labels == 0) & (nearest == k)), np.clip(alpha[..., k], 0.0, 1.0), 0.0)
+            detection = self._describe(mask, soft, self.color_names[k])
             if detection is not None:
                 detections.append(detection)
         return sorted(detections, key=lambda d: -d.score)
 
-    def _describe(self, mask: np.ndarray, color: str) -> Optional[Detection]:
-        """The detection for one component, or None when it is too elongated or fits no shape well enough."""
+    def _describe(self, mask: np.ndarray, soft: np.ndarray, color: str) -> Optional[Detection]:
+        """The detection of one component (`soft`: its colour's alphas), or None when it is no object."""
         ys, xs = np.nonzero(mask)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         width, height = bbox[2] - bbox[0], bbox[3] - bbox[1]
         if max(width, height) > self.max_aspect * min(width, height):
             return None
-        shape, iou = classify_shape(mask)
-        if iou < self.min_iou:
+        h, w = mask.shape
+        window = (max(bbox[0] - WINDOW_PAD, 0), max(bbox[1] - WINDOW_PAD, 0),
+                  min(bbox[2] + WINDOW_PAD, w), min(bbox[3] + WINDOW_PAD, h))
+        ious = fit_shapes(soft[window[1]:window[3], window[0]:window[2]], window)
+        shape = max(ious, key=ious.get)
+        if ious[shape] < self.min_iou:
             return None
         centroid = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
-        return Detection(shape, color, bbox, centroid, int(len(xs)), iou)
+        return Detection(shape, color, bbox, centroid, int(len(xs)), ious[shape])

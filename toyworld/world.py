@@ -1,8 +1,10 @@
 """A procedural toy text-to-image world of coloured shapes that mirrors GenEval's six prompt categories.
 
 Objects are `SHAPES` in `COLORS` on a plain light-gray `BACKGROUND`, axis-aligned, never overlapping
-(rejection sampling with a margin), sized ~22-37% of the image side (14-24 px at 64 px, 7-12 px at 32 px)
-and drawn 4x supersampled then box-downsampled, so edges are anti-aliased like a generated image's.
+(rejection sampling with a margin), sized 25-37.5% of the image side (16-24 px at 64 px, 8-12 px at
+32 px; at most 31% with three or more objects), and drawn 4x supersampled then box-downsampled, so edges
+are anti-aliased like a generated image's. Three shapes only: a diamond was tried as a fourth and is the
+first to be mistaken for a circle once images are blurred.
 
 Prompts and metadata follow GenEval's templates and keys (`tag`, `include` [{class, count, color?,
 position?}], `exclude` for counting, `prompt`):
@@ -137,7 +139,7 @@ def sample_metadata(tag: str, rng: np.random.Generator) -> dict:
     raise ValueError(f"unknown tag {tag!r}; choose one of {', '.join(TAGS)}")
 
 
-def _boxes_apart(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
+def boxes_apart(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
     """True when the boxes of `a` and `b` are at least `gap` apart along x or along y."""
     ax0, ay0, ax1, ay1 = a.box
     bx0, by0, bx1, by1 = b.box
@@ -171,7 +173,7 @@ def _try_layout(objects: list[tuple[int, str, str]], rng: np.random.Generator, r
         for _ in range(100):
             cx, cy = rng.uniform(border + size / 2, resolution - border - size / 2, size=2)
             candidate = PlacedObject(shape, color, float(cx), float(cy), float(size))
-            if all(_boxes_apart(candidate, other, gap) for other in placed):
+            if all(boxes_apart(candidate, other, gap) for other in placed):
                 placed.append(candidate)
                 break
         else:
@@ -179,19 +181,26 @@ def _try_layout(objects: list[tuple[int, str, str]], rng: np.random.Generator, r
     return placed
 
 
+def _relations_hold(placed: list[PlacedObject], groups: list[int], metadata: dict, gap: float) -> bool:
+    """Every object of an include entry with a position is in that relation to every object of its target."""
+    for subject_entry, entry in enumerate(metadata["include"]):
+        if "position" in entry:
+            relation, target_entry = entry["position"]
+            subjects = [obj for obj, group in zip(placed, groups) if group == subject_entry]
+            targets = [obj for obj, group in zip(placed, groups) if group == target_entry]
+            if not all(relation_holds(s, t, relation, gap) for s in subjects for t in targets):
+                return False
+    return True
+
+
 def layout(metadata: dict, rng: np.random.Generator, resolution: int = 64) -> list[PlacedObject]:
-    """Place the objects of `metadata` (counts, colours, relative positions) in a `resolution` square."""
+    """Place the objects of `metadata` (counts, colours, relative positions) in a `resolution` square,
+    in the order of its include entries."""
     objects = _scene_objects(metadata, rng)
     groups = [entry_index for entry_index, _, _ in objects]
-    relations = [(i, *entry["position"]) for i, entry in enumerate(metadata["include"]) if "position" in entry]
     for _ in range(MAX_LAYOUT_TRIES):
         placed = _try_layout(objects, rng, resolution)
-        if placed and all(
-            relation_holds(subject, target, relation, GAP * resolution)
-            for subject_entry, relation, target_entry in relations
-            for subject, s_group in zip(placed, groups) if s_group == subject_entry
-            for target, t_group in zip(placed, groups) if t_group == target_entry
-        ):
+        if placed and _relations_hold(placed, groups, metadata, GAP * resolution):
             return placed
     raise RuntimeError(f"could not lay out {metadata['prompt']!r} at {resolution} px")
 

@@ -1,0 +1,345 @@
+"""The toy world: generator, analytic detector and GenEval-rules scorer agree with each other and with GenEval."""
+
+import copy
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from evaluation.geneval import load_prompts, write_prompt
+from toyworld import scorer, world
+from toyworld.detector import Detection, ShapeDetector, clean_labels, connected_components
+from toyworld.scorer import evaluate, relative_position, score_folder
+from toyworld.world import BACKGROUND, TAGS, PlacedObject
+
+GENEVAL_METADATA = Path(__file__).resolve().parent.parent / "evaluation" / "evaluation_metadata.jsonl"
+
+
+def _scene(index: int, resolution: int) -> tuple[dict, list[PlacedObject], np.random.Generator]:
+    rng = np.random.default_rng([123, resolution, index])
+    metadata = world.sample_metadata(TAGS[index % len(TAGS)], rng)
+    return metadata, world.layout(metadata, rng, resolution), rng
+
+
+def _blur_and_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Mild degradation of a generated image: Gaussian blur of 1 px at 64 px plus noise of std 8."""
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(image.width / 64)), dtype=np.float64)
+    return Image.fromarray(np.clip(blurred + rng.normal(0, 8, blurred.shape), 0, 255).astype(np.uint8))
+
+
+def _recovered(objects: list[PlacedObject], detections: list[Detection]) -> int:
+    """How many objects have their own detection of the right class and colour near their box centre."""
+    unused, hits = list(detections), 0
+    for obj in objects:
+        for d in unused:
+            box_cx, box_cy = (d.bbox[0] + d.bbox[2]) / 2, (d.bbox[1] + d.bbox[3]) / 2
+            if (d.class_name, d.color) == (obj.shape, obj.color) and \
+                    max(abs(box_cx - obj.cx), abs(box_cy - obj.cy)) < obj.size / 4:
+                unused.remove(d)
+                hits += 1
+                break
+    return hits
+
+
+def _agreement(resolution: int, num_images: int, degrade: bool) -> tuple[float, float, int]:
+    """(object recovery rate, rate of images with exactly the right objects, number of objects)."""
+    detector = ShapeDetector()
+    objects_total = objects_found = exact_images = 0
+    for index in range(num_images):
+        _, objects, rng = _scene(index, resolution)
+        image = world.draw(objects, resolution)
+        detections = detector.detect(_blur_and_noise(image, rng) if degrade else image)
+        found = _recovered(objects, detections)
+        objects_total += len(objects)
+        objects_found += found
+        exact_images += found == len(objects) == len(detections)
+    return objects_found / objects_total, exact_images / num_images, objects_total
+
+
+@pytest.mark.parametrize("resolution, num_images, degrade", [(64, 240, False), (32, 90, False), (64, 120, True)])
+def test_detector_recovers_the_generated_objects(resolution, num_images, degrade):
+    object_rate, image_rate, num_objects = _agreement(resolution, num_images, degrade)
+    report = f"{resolution}px{' blur+noise' if degrade else ''}: objects {object_rate:.4f} of {num_objects}, " \
+             f"exact images {image_rate:.4f} of {num_images}"
+    print(report)
+    assert num_objects >= (300 if resolution == 64 and not degrade else 100)
+    assert object_rate >= 0.99 and image_rate >= 0.99, report
+
+
+def test_detection_fields_and_rejections():
+    detector = ShapeDetector()
+    square = world.draw([PlacedObject("square", "red", 32.0, 32.0, 20.0)], 64)
+    (detection,) = detector.detect(square)
+    assert (detection.class_name, detection.color, detection.bbox) == ("square", "red", (22, 22, 42, 42))
+    assert detection.area == 400
+    assert detection.centroid == (32.0, 32.0) and detection.score > 0.95
+    assert detector.detect(Image.new("RGB", (64, 64), BACKGROUND)) == []
+    off_palette = Image.new("RGB", (64, 64), BACKGROUND)
+    off_palette.paste((128, 128, 128), (20, 20, 40, 40))  # gray is no palette colour
+    assert detector.detect(off_palette) == []
+    speckled = np.array(Image.new("RGB", (64, 64), BACKGROUND))
+    speckled[np.random.default_rng(0).random((64, 64)) < 0.02] = world.COLORS["blue"]  # isolated pixels
+    assert detector.detect(Image.fromarray(speckled)) == []
+    bar = Image.new("RGB", (64, 64), BACKGROUND)
+    bar.paste(world.COLORS["green"], (10, 28, 54, 36))  # far too elongated for any shape
+    assert detector.detect(bar) == []
+
+
+def test_cleanup_removes_specks_and_fills_pinholes_but_keeps_corners():
+    labels = np.zeros((12, 12), dtype=np.int64)
+    labels[2:8, 2:8] = 1  # a square ...
+    labels[4, 4] = 0  # ... with a pinhole
+    labels[8, 8] = 1  # ... and a speck touching its corner diagonally
+    labels[10, 2] = 2  # a lone speck
+    cleaned = clean_labels(labels, num_labels=3)
+    expected = np.zeros_like(labels)
+    expected[2:8, 2:8] = 1
+    assert np.array_equal(cleaned, expected)
+
+
+def test_connected_components_are_4_connected_per_label():
+    labels = np.array([[1, 1, 0, 2],
+                       [0, 1, 0, 2],
+                       [0, 0, 1, 0],
+                       [3, 3, 0, 1]])
+    components = connected_components(labels)
+    assert (components[labels == 0] == -1).all()
+    assert components[0, 0] == components[0, 1] == components[1, 1]
+    assert len({components[0, 0], components[2, 2], components[3, 3], components[0, 3], components[3, 0]}) == 5
+    assert components.max() == 5 - 1
+
+
+def _det(name: str, color: str, cx: float, cy: float, size: float = 10, score: float = 0.9) -> Detection:
+    box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
+    return Detection(name, color, box, (cx, cy), int(size * size), score)
+
+
+COUNTING = {"tag": "counting", "include": [{"class": "circle", "count": 3}],
+            "exclude": [{"class": "circle", "count": 4}], "prompt": "a photo of three circles"}
+
+
+def test_counting_needs_exactly_n_through_exclude():
+    circles = [_det("circle", "red", 10 + 15 * i, 10) for i in range(5)]
+    assert evaluate(circles[:3], COUNTING)[0]
+    assert evaluate(circles[:3] + [_det("square", "red", 50, 50)], COUNTING)[0]
+    assert not evaluate(circles[:2], COUNTING)[0]
+    correct, reasons = evaluate(circles[:4], COUNTING)
+    assert not correct and reasons == ["expected circle<4, found 4"]
+    include_only = {k: v for k, v in COUNTING.items() if k != "exclude"}
+    assert evaluate(circles[:4], include_only)[0]  # include alone means "at least"
+
+
+def test_two_object_requires_both_and_exclude_any_class():
+    metadata = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
+                "prompt": "a photo of a circle and a square"}
+    circle, square = _det("circle", "red", 10, 10), _det("square", "blue", 40, 40)
+    assert evaluate([circle, square], metadata)[0]
+    assert not evaluate([circle], metadata)[0] and not evaluate([square], metadata)[0]
+    excluded = {**metadata, "exclude": [{"class": "triangle", "count": 1}]}
+    assert not evaluate([circle, square, _det("triangle", "red", 50, 10)], excluded)[0]
+
+
+def test_colors_are_checked_on_the_top_scoring_objects():
+    metadata = {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "blue"}],
+                "prompt": "a photo of a blue square"}
+    assert evaluate([_det("square", "blue", 20, 20)], metadata)[0]
+    assert not evaluate([_det("square", "red", 20, 20)], metadata)[0]
+    assert not evaluate([_det("circle", "blue", 20, 20)], metadata)[0]
+    red_first = [_det("square", "red", 20, 20, score=0.9), _det("square", "blue", 50, 50, score=0.8)]
+    assert not evaluate(red_first, metadata)[0]  # GenEval checks the most confident square only
+    assert evaluate([_det("square", "red", 20, 20, score=0.7), red_first[1]], metadata)[0]
+    attr = {"tag": "color_attr", "include": [{"class": "circle", "count": 1, "color": "red"},
+                                             {"class": "square", "count": 1, "color": "blue"}],
+            "prompt": "a photo of a red circle and a blue square"}
+    assert evaluate([_det("circle", "red", 10, 10), _det("square", "blue", 40, 40)], attr)[0]
+    assert not evaluate([_det("circle", "blue", 10, 10), _det("square", "red", 40, 40)], attr)[0]
+
+
+def _position(relation: str) -> dict:
+    return {"tag": "position", "include": [{"class": "square", "count": 1},
+                                           {"class": "circle", "count": 1, "position": [relation, 0]}],
+            "prompt": f"a photo of a circle {relation} a square"}
+
+
+@pytest.mark.parametrize("relation, offset", [("left of", (-20, 0)), ("right of", (20, 0)),
+                                              ("above", (0, -20)), ("below", (0, 20))])
+def test_position_relations(relation, offset):
+    square = _det("square", "red", 32, 32)
+    circle = _det("circle", "blue", 32 + offset[0], 32 + offset[1])
+    mirrored = _det("circle", "blue", 32 - offset[0], 32 - offset[1])
+    assert evaluate([square, circle], _position(relation))[0]
+    assert not evaluate([square, mirrored], _position(relation))[0]
+    assert relative_position(circle.bbox, square.bbox) == {relation}
+
+
+def test_position_near_ties_and_missing_target_fail():
+    # Widths 10 + 10: offsets shrink by 2 px and must keep over half their length, so |dx| > 4 px.
+    square = _det("square", "red", 32, 32)
+    assert relative_position((0, 0, 10, 10), (1.5, 0, 11.5, 10)) == set()
+    assert not evaluate([square, _det("circle", "blue", 30.5, 32)], _position("left of"))[0]
+    assert not evaluate([square, _det("circle", "blue", 28.5, 32)], _position("left of"))[0]
+    assert evaluate([square, _det("circle", "blue", 27.5, 32)], _position("left of"))[0]
+    assert not evaluate([square, _det("circle", "blue", 27, 2)], _position("left of"))[0]  # mostly above
+    correct, reasons = evaluate([_det("circle", "blue", 10, 32)], _position("left of"))
+    assert not correct and reasons == ["expected square>=1, found 0", "no target for circle to be left of"]
+
+
+def _violate(metadata: dict) -> dict:
+    """Metadata for an image that breaks `metadata` in the way its category tests."""
+    wrong = copy.deepcopy(metadata)
+    first = wrong["include"][0]
+    other_shape = next(s for s in world.SHAPES if s not in {e["class"] for e in wrong["include"]})
+    other_color = {e.get("color") for e in wrong["include"]}
+    if wrong["tag"] == "single_object":
+        first["class"] = other_shape
+    elif wrong["tag"] == "two_object":
+        wrong["include"] = [first]
+    elif wrong["tag"] == "counting":
+        first["count"] += 1
+    elif wrong["tag"] in ("colors", "color_attr"):
+        first["color"] = next(c for c in world.COLORS if c not in other_color)
+    elif wrong["tag"] == "position":
+        relation = wrong["include"][1]["position"][0]
+        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        wrong["include"][1]["position"][0] = opposite[relation]
+    return wrong
+
+
+def _write_run(run: Path, prompts: list[dict], resolution: int, image_for) -> None:
+    for index, metadata in enumerate(prompts):
+        rngs = [np.random.default_rng([7, index, j]) for j in range(2)]
+        write_prompt(run, index, metadata, [image_for(metadata, rng, resolution) for rng in rngs])
+
+
+@pytest.mark.parametrize("resolution", [64, 32])
+def test_scorer_on_clean_renders_scores_one(tmp_path, resolution):
+    prompts = world.eval_metadata(num_prompts_per_tag=3, seed=0)
+    _write_run(tmp_path / "run", prompts, resolution, world.render)
+    summary = score_folder(tmp_path / "run", per_image_path=tmp_path / "results.jsonl")
+    assert set(summary) == {"overall", "categories", "num_images"}
+    assert summary["categories"] == {tag: 1.0 for tag in TAGS} and summary["overall"] == 1.0
+    assert summary["num_images"] == 2 * len(prompts) == 36
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 36 and {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"} <= set(lines[0])
+    assert json.loads(lines[0]["metadata"]) == prompts[0]
+
+
+def test_scorer_gives_zero_to_images_that_violate_the_prompt(tmp_path):
+    prompts = world.eval_metadata(num_prompts_per_tag=3, seed=0)
+    _write_run(tmp_path / "blank", prompts, 64, lambda m, rng, r: Image.new("RGB", (r, r), BACKGROUND))
+    _write_run(tmp_path / "wrong", prompts, 64, lambda m, rng, r: world.render(_violate(m), rng, r))
+    for run in ("blank", "wrong"):
+        summary = score_folder(tmp_path / run)
+        assert summary["categories"] == {tag: 0.0 for tag in TAGS} and summary["overall"] == 0.0, run
+
+
+def test_scorer_cli_and_overall_is_the_mean_over_tags(tmp_path, capsys):
+    prompts = world.eval_metadata(num_prompts_per_tag=2, seed=0)
+    blank = Image.new("RGB", (64, 64), BACKGROUND)
+    _write_run(tmp_path / "run", prompts, 64,
+               lambda m, rng, r: world.render(m, rng, r) if m["tag"] in ("counting", "colors") else blank)
+    (tmp_path / "run" / "run_config.json").write_text("{}")  # files next to the prompt folders are ignored
+    scorer.main([str(tmp_path / "run"), "--out", str(tmp_path / "scores.json")])
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["overall"] == pytest.approx(2 / 6) and summary["categories"]["counting"] == 1.0
+    assert "overall" in capsys.readouterr().out
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ValueError, match="no GenEval prompt folders"):
+        score_folder(tmp_path / "empty_run")
+
+
+def test_eval_metadata_matches_geneval_format_and_is_deterministic(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    prompts = world.write_eval_metadata(path, num_prompts_per_tag=20, seed=3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == prompts == load_prompts(metadata_file=path)
+    assert [p["tag"] for p in prompts] == [tag for tag in TAGS for _ in range(20)]
+    geneval = [json.loads(line) for line in GENEVAL_METADATA.read_text().splitlines()]
+    for tag in TAGS:  # same keys, per tag and per include entry, as GenEval's own file
+        ours = [p for p in prompts if p["tag"] == tag]
+        theirs = [p for p in geneval if p["tag"] == tag]
+        assert {tuple(p) for p in ours} == {tuple(p) for p in theirs}, tag
+        assert {tuple(tuple(e) for e in p["include"]) for p in ours} == \
+            {tuple(tuple(e) for e in p["include"]) for p in theirs}, tag
+    for p in prompts:
+        if p["tag"] == "counting":
+            (include,), (exclude,) = p["include"], p["exclude"]
+            assert exclude == {"class": include["class"], "count": include["count"] + 1}
+            assert include["count"] in world.NUMBER_WORDS
+        if p["tag"] == "position":
+            target, subject = p["include"]
+            assert subject["position"][1] == 0 and subject["position"][0] in world.RELATIONS
+            assert p["prompt"] == f"a photo of a {subject['class']} {subject['position'][0]} a {target['class']}"
+    assert world.write_eval_metadata(tmp_path / "again.jsonl", 20, seed=3) == prompts
+    assert (tmp_path / "again.jsonl").read_bytes() == path.read_bytes()
+    assert world.eval_metadata(20, seed=4) != prompts
+    assert world.eval_metadata(5, seed=3) == [p for i, p in enumerate(prompts) if i % 20 < 5]  # stable prefixes
+
+
+def test_prompts_use_number_words_and_plurals():
+    rng = np.random.default_rng(0)
+    counting = [world.sample_metadata("counting", rng) for _ in range(200)]
+    for metadata in counting:
+        count, shape = metadata["include"][0]["count"], metadata["include"][0]["class"]
+        expected = {1: f"one {shape}", 2: f"two {shape}s", 3: f"three {shape}s", 4: f"four {shape}s"}[count]
+        assert metadata["prompt"] == f"a photo of {expected}"
+    counts = [m["include"][0]["count"] for m in counting]
+    assert set(counts) == {1, 2, 3, 4} and counts.count(1) < counts.count(2)
+    with pytest.raises(ValueError, match="unknown tag"):
+        world.sample_metadata("spatial", rng)
+
+
+@pytest.mark.parametrize("resolution", [64, 32])
+def test_layouts_are_inside_apart_and_keep_their_relations(resolution):
+    for index in range(300):
+        metadata, objects, _ = _scene(index, resolution)
+        assert len(objects) == sum(e["count"] for e in metadata["include"])
+        for i, obj in enumerate(objects):
+            x0, y0, x1, y1 = obj.box
+            assert 0 < x0 and 0 < y0 and x1 < resolution and y1 < resolution
+            assert 0.25 * resolution <= obj.size <= 0.375 * resolution
+            for other in objects[i + 1:]:
+                assert world.boxes_apart(obj, other, world.GAP * resolution)
+        for entry, obj in zip(metadata["include"], objects):
+            assert obj.shape == entry["class"] and obj.color == entry.get("color", obj.color)
+            if "position" in entry:
+                assert entry["position"][0] in relative_position(obj.box, objects[0].box)
+
+
+def test_training_examples_cycle_tags_and_are_deterministic():
+    examples = [world.training_example(i, seed=5, resolution=32) for i in range(12)]
+    assert [m["tag"] for m, _ in examples] == list(TAGS) * 2
+    metadata, image = world.training_example(7, seed=5, resolution=32)
+    assert metadata == examples[7][0] and np.array_equal(np.asarray(image), np.asarray(examples[7][1]))
+    assert image.size == (32, 32) and world.training_example(7, seed=6, resolution=32)[0] != metadata
+
+
+@pytest.mark.parametrize("format", world.FORMATS)
+def test_dataset_loads_with_datasets(tmp_path, format):
+    path = world.write_dataset(tmp_path / "data", num_images=12, resolution=32, seed=2, format=format)
+    cache = str(tmp_path / "cache")
+    if format == "imagefolder":
+        assert path == tmp_path / "data" and (path / "metadata.jsonl").is_file()
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=cache)
+    else:
+        assert path == tmp_path / "data" / "train.parquet"
+        loaded = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache)
+        loaded = loaded.cast_column("image", datasets.Image())
+    expected = [world.training_example(i, seed=2, resolution=32) for i in range(12)]
+    assert loaded.column_names == ["image", "llava"] and len(loaded) == 12
+    assert loaded["llava"] == [metadata["prompt"] for metadata, _ in expected]
+    for row, (_, image) in zip(loaded, expected):
+        assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(image))
+
+
+def test_world_cli(tmp_path, capsys):
+    world.main(["dataset", "--output_dir", str(tmp_path / "d"), "--num_images", "3", "--format", "parquet",
+                "--resolution", "32", "--caption_column", "caption"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "d" / "train.parquet")
+    table = datasets.load_dataset("parquet", data_files=str(tmp_path / "d" / "train.parquet"), split="train",
+                                  cache_dir=str(tmp_path / "cache"))
+    assert table.column_names == ["image", "caption"] and len(table) == 3
+    world.main(["eval", "--output", str(tmp_path / "eval.jsonl"), "--per_tag", "2"])
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 12
