@@ -142,15 +142,10 @@ def _write_t5_tokenizer(folder: Path) -> None:
     T5Tokenizer.from_pretrained(folder).save_pretrained(folder)
 
 
-def build_tiny_flux(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random FLUX pipeline of the given size to `output_dir`; deterministic for a given seed."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def build_components(dims: TinyFluxSize, seed: int = 0) -> dict:
+    """Randomly initialised FLUX components of the given dimensions (the kwargs of FluxPipeline)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
-
-    if size not in SIZES:
-        raise ValueError(f"--size {size!r} is unknown; choose one of {sorted(SIZES)}")
-    dims = SIZES[size]
-    output_dir = Path(output_dir)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -199,7 +194,6 @@ def build_tiny_flux(output_dir: str | os.PathLike, size: str = "tiny", seed: int
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = CLIPTextModel(clip_config)
     t5_config = T5Config(
         vocab_size=len(tokenizer_2),
         d_model=dims.text_dim,
@@ -212,7 +206,6 @@ def build_tiny_flux(output_dir: str | os.PathLike, size: str = "tiny", seed: int
         eos_token_id=tokenizer_2.eos_token_id,
         decoder_start_token_id=tokenizer_2.pad_token_id,
     )
-    text_encoder_2 = T5EncoderModel(t5_config)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -222,16 +215,18 @@ def build_tiny_flux(output_dir: str | os.PathLike, size: str = "tiny", seed: int
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return dict(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(clip_config), tokenizer=tokenizer,
+                text_encoder_2=T5EncoderModel(t5_config), tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def build_tiny_flux(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random FLUX pipeline of the given size to `output_dir`; deterministic for a given seed."""
+    from diffusers import FluxPipeline
+
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r} is unknown; choose one of {sorted(SIZES)}")
+    output_dir = Path(output_dir)
+    FluxPipeline(**build_components(SIZES[size], seed)).save_pretrained(output_dir, safe_serialization=True)
     return output_dir
 
 

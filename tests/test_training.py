@@ -197,3 +197,17 @@ def test_meanflow_trains_a_dual_timestep_student_that_starts_as_the_teacher(tiny
     assert student.config.dual_timestep and student.config.time_input_scale == 1.0
     pt = torch.load(tmp_path / "mf" / "ckpts" / "transformer_2.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("timestep_embedder2.") for k in pt["module"])
+
+
+def test_ema_is_checkpointed_resumed_and_exported(tiny_flux, dataset, tmp_path):
+    out = tmp_path / "ema"
+    common = ("--checkpointing_steps", "2", "--ema_decay", "0.5")
+    final = weights(train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "2", *common)))
+    raw = load_file(out / "checkpoint-2" / "model.safetensors")  # the trained (non-EMA) student, "net." prefixed
+    raw = {k[len("net."):]: v for k, v in raw.items() if k.startswith("net.")}
+    assert set(raw) == set(final)
+    assert any(not torch.equal(raw[k], final[k]) for k in final)  # the export holds the EMA weights
+    assert any(p.name.startswith("custom_checkpoint") for p in (out / "checkpoint-2").iterdir())  # EMA state
+    resumed = weights(train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "3", *common,
+                                     "--resume_from_checkpoint", "latest")))
+    assert any(not torch.equal(resumed[k], final[k]) for k in final)
