@@ -48,11 +48,12 @@ class ToyTeacherConfig:
     attention_head_dim: int = 32
     axes_dims_rope: tuple = (8, 12, 12)
     text_dim: int = 64
-    vae_channels: tuple = (32, 32, 64, 64)
+    vae_channels: tuple = (16, 32, 32, 32)
     # training
     vae_steps: int = 1500
     vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_crop: int = 32  # the VAE is convolutional: it trains on random crops, 4x cheaper at 64 px
+    vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     flow_steps: int = 3000
     guidance_steps: int = 800
@@ -82,6 +83,13 @@ def _log(log, msg: str) -> None:
         log(msg)
 
 
+def _random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    if size >= x.shape[-1]:
+        return x
+    top, left = (torch.randint(0, (x.shape[-1] - size) // 8 + 1, (2,), generator=generator) * 8).tolist()
+    return x[..., top:top + size, left:left + size]
+
+
 def train_vae(vae, images: torch.Tensor, config: ToyTeacherConfig, generator: torch.Generator, log=print):
     """Reconstruction + a small KL; then set shift/scale so that normalised latents have mean 0 and std 1."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -89,7 +97,7 @@ def train_vae(vae, images: torch.Tensor, config: ToyTeacherConfig, generator: to
     vae.train()
     for step in range(config.vae_steps):
         idx = torch.randint(0, len(images), (config.vae_batch,), generator=generator)
-        x = images[idx]
+        x = _random_crops(images[idx], config.vae_crop, generator)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
