@@ -13,11 +13,15 @@ from model.loading import load_transformer
 from model.pipeline import FluxEulerPipeline
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = sampling_parser(__doc__.splitlines()[0], default_steps=28)
     parser.add_argument("--rescaled_checkpoint_path", default=None,
                         help="weights of the rescaled (x1) teacher: .pt {'module': state_dict}, .safetensors or folder")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device, dtype = device_and_dtype(args.mixed_precision)
     hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
     transformer = load_transformer(

@@ -125,13 +125,18 @@ def run_student_geneval(args: argparse.Namespace, pipeline) -> list:
             for n in args.num_inference_steps]
 
 
+def student_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of test_sCM.py / test_meanflow.py."""
+    parser = sampling_parser(doc.splitlines()[0], default_steps=[4])
+    add_student_args(parser)
+    return parser
+
+
 def student_main(doc: str, pipeline_cls, argv=None, **load_kwargs) -> list:
     """The whole of test_sCM.py / test_meanflow.py: parse, load the x1 student from --resume_path, sample."""
     from model.loading import load_transformer
 
-    parser = sampling_parser(doc.splitlines()[0], default_steps=[4])
-    add_student_args(parser)
-    args = parser.parse_args(argv)
+    args = student_parser(doc).parse_args(argv)
     device, dtype = device_and_dtype(args.mixed_precision)
     hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
     transformer = load_transformer(args.pretrained_model_name_or_path, weights_path=args.resume_path,

@@ -1,6 +1,6 @@
 """Loading transformer weights strictly: diffusers folders, safetensors files, and the reference's `.pt`.
 
-The reference loads its rescaled checkpoint with strict=False, so any key missing from the file silently
+The reference loads its rescaled checkpoint non-strictly, so any key missing from the file silently
 keeps the original x1000-trained weight (METHODS 8.2). Here a mismatch is an error listing the keys; the only
 allowance is MeanFlow's second time embedder, which is created as a copy of the first when absent.
 """
