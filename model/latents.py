@@ -46,10 +46,6 @@ def latent_size(resolution_h: int, resolution_w: int, vae_scale_factor: int = 8)
     return resolution_h // vae_scale_factor, resolution_w // vae_scale_factor
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def normalize_latents(z: torch.Tensor, vae_config) -> torch.Tensor:
     """x0 = (z - shift) * scale: the flow models' latent space."""
     return (z - vae_config.shift_factor) * vae_config.scaling_factor

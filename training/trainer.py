@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data import TextImageDataset, collate_text_image, load_text_image_dataset
+from data import TextImageDataset, build_dataloader, load_text_image_dataset
 from model.latents import encode_images, image_ids, pack_latents
 from model.loading import load_transformer
 from model.text import PromptEmbeds, encode_prompts
@@ -248,9 +248,8 @@ class Trainer:
                                           args.dataset_split, args.cache_dir)
         dataset = TextImageDataset(dataset, args.resolution, args.image_column, args.caption_column,
                                    args.max_train_samples)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                             num_workers=args.dataloader_num_workers, drop_last=True,
-                                             collate_fn=collate_text_image)
+        loader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, shuffle=True,
+                                  seed=args.seed)
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
         params = [p for p in student.parameters() if p.requires_grad]
