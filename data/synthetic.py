@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import random
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,9 +55,7 @@ def make_shape_image(rng: random.Random, resolution: int) -> tuple[bytes, str]:
         draw.ellipse(box, fill=COLOURS[colour])
     else:
         draw.rectangle(box, fill=COLOURS[colour])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue(), f"a photo of a {colour} {shape} on a {background} background"
+    return png_bytes(image), f"a photo of a {colour} {shape} on a {background} background"
 
 
 def corrupt_positions(num_images: int, num_corrupt: int) -> list[int]:
@@ -64,24 +63,40 @@ def corrupt_positions(num_images: int, num_corrupt: int) -> list[int]:
     return [k * num_images // num_corrupt for k in range(num_corrupt)]
 
 
-def _write_imagefolder(output_dir: Path, records: list[tuple[str, bytes, str]], caption_column: str) -> Path:
-    """Write PNG files plus metadata.jsonl; return the folder."""
-    with open(output_dir / "metadata.jsonl", "w") as metadata:
-        for file_name, data, caption in records:
-            (output_dir / file_name).write_bytes(data)
-            metadata.write(json.dumps({"file_name": file_name, caption_column: caption}) + "\n")
-    return output_dir
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def _write_parquet(output_dir: Path, records: list[tuple[str, bytes, str]], caption_column: str) -> Path:
-    """Write train.parquet with an image {bytes, path} struct column and a caption column; return its path."""
-    table = pa.table({
-        "image": pa.array([{"bytes": data, "path": file_name} for file_name, data, _ in records],
-                          type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        caption_column: pa.array([caption for _, _, caption in records], type=pa.string()),
-    })
+def write_records(output_dir: Union[str, Path], records: Iterable[tuple[str, bytes, str]], format: str = "imagefolder",
+                  caption_column: str = "llava", rows_per_group: int = 1000) -> Path:
+    """Write (file name, encoded image, caption) records as a dataset; return the path to load it from.
+
+    "imagefolder": the image files plus metadata.jsonl {file_name, <caption_column>: caption} (returns the folder).
+    "parquet": train.parquet with an image {bytes, path} struct column and a caption column (returns the file),
+    written in row groups so records can stream.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = iter(records)
+    if format == "imagefolder":
+        with open(output_dir / "metadata.jsonl", "w") as metadata:
+            for file_name, data, caption in records:
+                (output_dir / file_name).write_bytes(data)
+                metadata.write(json.dumps({"file_name": file_name, caption_column: caption}) + "\n")
+        return output_dir
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        (caption_column, pa.string())])
     path = output_dir / "train.parquet"
-    pq.write_table(table, path)
+    with pq.ParquetWriter(path, schema) as writer:
+        while rows := list(itertools.islice(records, rows_per_group)):
+            writer.write_table(pa.table({
+                "image": [{"bytes": data, "path": file_name} for file_name, data, _ in rows],
+                caption_column: [caption for _, _, caption in rows],
+            }, schema=schema))
     return path
 
 
@@ -99,12 +114,8 @@ def make_synthetic_dataset(
     The path is the folder for "imagefolder" and the parquet file for "parquet"; corrupt rows sit at
     `corrupt_positions(num_images, num_corrupt)`.
     """
-    if format not in FORMATS:
-        raise ValueError(f"Unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     if not 0 <= num_corrupt <= num_images:
         raise ValueError(f"num_corrupt must be between 0 and num_images ({num_images}), got {num_corrupt}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     corrupt = set(corrupt_positions(num_images, num_corrupt))
     records = []
@@ -113,8 +124,7 @@ def make_synthetic_dataset(
         if index in corrupt:
             data, caption = f"corrupt image {index}".encode(), "a corrupt image"
         records.append((f"{index:05d}.png", data, caption))
-    writer = _write_imagefolder if format == "imagefolder" else _write_parquet
-    return writer(output_dir, records, caption_column)
+    return write_records(output_dir, records, format, caption_column)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

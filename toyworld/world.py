@@ -33,8 +33,6 @@ CLI:
 from __future__ import annotations
 
 import argparse
-import io
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -42,9 +40,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from data.synthetic import FORMATS, png_bytes, write_records
 
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -60,7 +58,6 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 COUNT_WEIGHTS = {1: 0.1, 2: 0.3, 3: 0.3, 4: 0.3}
-FORMATS = ("imagefolder", "parquet")
 
 # Geometry, as fractions of the image side.
 SIZE_RANGE = (0.25, 0.375)  # object side: 16-24 px at 64 px, 8-12 px at 32 px
@@ -255,39 +252,11 @@ def write_eval_metadata(path: str | os.PathLike, num_prompts_per_tag: int = 50, 
     return prompts
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _examples(num_images: int, resolution: int, seed: int) -> Iterator[tuple[str, bytes, str]]:
     """(file name, PNG bytes, prompt) of the training examples, in order."""
     for index in range(num_images):
         metadata, image = training_example(index, seed, resolution)
-        yield f"{index:06d}.png", _png_bytes(image), metadata["prompt"]
-
-
-def _write_imagefolder(output_dir: Path, examples: Iterator[tuple[str, bytes, str]], caption_column: str) -> Path:
-    with open(output_dir / "metadata.jsonl", "w") as metadata:
-        for file_name, data, caption in examples:
-            (output_dir / file_name).write_bytes(data)
-            metadata.write(json.dumps({"file_name": file_name, caption_column: caption}) + "\n")
-    return output_dir
-
-
-def _write_parquet(output_dir: Path, examples: Iterator[tuple[str, bytes, str]], caption_column: str,
-                   rows_per_group: int = 1000) -> Path:
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                        (caption_column, pa.string())])
-    path = output_dir / "train.parquet"
-    with pq.ParquetWriter(path, schema) as writer:
-        while rows := list(itertools.islice(examples, rows_per_group)):
-            writer.write_table(pa.table({
-                "image": [{"bytes": data, "path": file_name} for file_name, data, _ in rows],
-                caption_column: [caption for _, _, caption in rows],
-            }, schema=schema))
-    return path
+        yield f"{index:06d}.png", png_bytes(image), metadata["prompt"]
 
 
 def write_dataset(
@@ -303,14 +272,7 @@ def write_dataset(
     "imagefolder": `<output_dir>/NNNNNN.png` + metadata.jsonl {file_name, <caption_column>: prompt}.
     "parquet": `<output_dir>/train.parquet` with an image {bytes, path} struct column and a caption column.
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    examples = _examples(num_images, resolution, seed)
-    if format == "imagefolder":
-        return _write_imagefolder(output_dir, examples, caption_column)
-    return _write_parquet(output_dir, examples, caption_column)
+    return write_records(output_dir, _examples(num_images, resolution, seed), format, caption_column)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
