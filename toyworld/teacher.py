@@ -60,6 +60,7 @@ class ToyTeacherConfig:
     batch: int = 64
     lr: float = 5e-4
     caption_dropout: float = 0.1
+    ema_decay: float = 0.999  # the saved transformer is the EMA of its training weights (0 disables)
     guidance_range: tuple = (1.0, 6.0)
 
     def dims(self) -> TinyFluxSize:
@@ -161,6 +162,8 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
         losses = []
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        ema = [p.detach().clone() for p in params]
         start = time.perf_counter()
         for step in range(steps):
             idx = torch.randint(0, len(x_all), (config.batch,), generator=generator)
@@ -170,10 +173,17 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
             torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
             optimizer.step()
             schedule.step()
+            with torch.no_grad():  # EMA with the usual warm-up: decay min(d, (1 + step) / (10 + step))
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
             if step % 250 == 0 or step == steps - 1:
                 _log(log, f"{stage} step {step}: loss {np.mean(losses[-250:]):.4f} "
                           f"({time.perf_counter() - start:.0f} s)")
+        if config.ema_decay and steps:
+            with torch.no_grad():
+                for p, e in zip(params, ema):
+                    p.copy_(e)
         history[stage] = losses
 
     def flow_loss(idx):
