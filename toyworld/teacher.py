@@ -55,10 +55,10 @@ class ToyTeacherConfig:
     vae_crop: int = 32  # the VAE is convolutional: it trains on random crops, 4x cheaper at 64 px
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    flow_steps: int = 3000
+    flow_steps: int = 5000
     guidance_steps: int = 800
     batch: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     caption_dropout: float = 0.1
     ema_decay: float = 0.999  # the saved transformer is the EMA of its training weights (0 disables)
     guidance_range: tuple = (1.0, 6.0)
