@@ -21,6 +21,7 @@ import torch
 
 from .conventions import flow_interpolate, flow_velocity
 from .text import PromptEmbeds
+from .transformer import flux_velocity
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
 WEIGHTINGS = ("adaptive", "uniform", "high_order")
@@ -146,20 +147,6 @@ def gradient_checkpointing_disabled(model: torch.nn.Module):
     finally:
         for m, value in zip(flagged, saved):
             m.gradient_checkpointing = value
-
-
-def flux_velocity(model, z, t, g, cond: PromptEmbeds, img_ids, timestep2=None) -> torch.Tensor:
-    """The transformer's output at packed z [B, L, C], flow time t [B], guidance g [B]; at least fp32.
-
-    Inputs are cast to the model's dtype inside (differentiably, so fp32 JVP tangents work with bf16 weights).
-    """
-    dtype = next(model.parameters()).dtype
-    cond = cond.to(dtype=dtype)
-    extra = {} if timestep2 is None else {"timestep2": timestep2}
-    out = model(hidden_states=z.to(dtype), encoder_hidden_states=cond.prompt_embeds,
-                pooled_projections=cond.pooled_prompt_embeds, timestep=t, guidance=g, img_ids=img_ids,
-                txt_ids=cond.text_ids, return_dict=False, **extra)[0]
-    return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 def average_velocity(student, z, r, t, g, cond, img_ids) -> torch.Tensor:

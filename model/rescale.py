@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .conventions import flow_interpolate, flux_mu, shift_times
 from .text import PromptEmbeds
-from .transformer import TIME_EMBED_DIM
+from .transformer import TIME_EMBED_DIM, flux_velocity
 
 TIME_COMPONENTS = ("logit_normal", "shifted", "uniform")
 
@@ -93,13 +93,6 @@ def remap_initialisation(student, guidance_range: tuple[float, float]) -> None:
         embedder.linear_1.bias.copy_(bias)
 
 
-def velocity(model, x, tau, g, cond: PromptEmbeds, img_ids) -> torch.Tensor:
-    dtype = next(model.parameters()).dtype
-    return model(hidden_states=x.to(dtype), encoder_hidden_states=cond.prompt_embeds.to(dtype),
-                 pooled_projections=cond.pooled_prompt_embeds.to(dtype), timestep=tau, guidance=g,
-                 img_ids=img_ids, txt_ids=cond.text_ids, return_dict=False)[0].float()
-
-
 def rescale_loss(student, teacher, x0, cond: PromptEmbeds, neg_cond: PromptEmbeds, img_ids, config: RescaleConfig,
                  generator: torch.Generator):
     """(loss, logs): distance between v_x1(x_tau, tau, g) and sg(v_x1000(x_tau, tau, g)) on data latents x0."""
@@ -112,8 +105,8 @@ def rescale_loss(student, teacher, x0, cond: PromptEmbeds, neg_cond: PromptEmbed
     cond = cond.where(dropped, neg_cond)
     x = flow_interpolate(x0.float(), eps, tau[:, None, None])
     with torch.no_grad():
-        v_teacher = velocity(teacher, x, tau, g, cond, img_ids)
-    v = velocity(student, x, tau, g, cond, img_ids)
+        v_teacher = flux_velocity(teacher, x, tau, g, cond, img_ids)
+    v = flux_velocity(student, x, tau, g, cond, img_ids)
     if config.loss == "mse":
         loss = F.mse_loss(v, v_teacher)
     else:
@@ -134,8 +127,8 @@ def velocity_error_by_time(teacher, student, x0, cond: PromptEmbeds, img_ids, gu
         tau = (lo + (hi - lo) * torch.rand(batch, generator=generator)).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         x = flow_interpolate(x0.float(), eps, tau[:, None, None])
-        v_t = velocity(teacher, x, tau, g, cond, img_ids)
-        v_s = velocity(student, x, tau, g, cond, img_ids)
+        v_t = flux_velocity(teacher, x, tau, g, cond, img_ids)
+        v_s = flux_velocity(student, x, tau, g, cond, img_ids)
         err = (v_s - v_t).flatten(1).norm(dim=1) / v_t.flatten(1).norm(dim=1).clamp_min(1e-8)
         rows.append((lo, hi, err.mean().item()))
     return rows

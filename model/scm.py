@@ -22,6 +22,7 @@ import torch
 
 from .conventions import SIGMA_DATA, sigma_to_trig
 from .text import PromptEmbeds
+from .transformer import flux_velocity
 
 
 @dataclass
@@ -139,22 +140,13 @@ class TrigFlowModel(torch.nn.Module):
         cos, sin = torch.cos(t3), torch.sin(t3)
         x_tilde = x_tilde.to(dtype)
         x_flow, tau = x_tilde / (sin + cos), sin / (sin + cos)  # conventions.trigflow_to_flow_input
-        net_dtype = next(self.net.parameters()).dtype
-        v = self.net(
-            hidden_states=x_flow.to(net_dtype),
-            encoder_hidden_states=cond.prompt_embeds.to(net_dtype),
-            pooled_projections=cond.pooled_prompt_embeds.to(net_dtype),
-            timestep=tau.reshape(-1),
-            guidance=guidance,
-            img_ids=img_ids,
-            txt_ids=cond.text_ids,
-            return_dict=False,
-        )[0]
+        v = flux_velocity(self.net, x_flow, tau.reshape(-1), guidance, cond, img_ids)
         F = ((cos - sin) * x_tilde + v.to(dtype)) / (sin + cos)  # conventions.trigflow_from_flow_velocity
         if not return_logvar:
             return F
         if self.logvar_linear is None:
             raise ValueError("this TrigFlowModel has no log-variance head: build it with logvar_head=True")
+        net_dtype = next(self.net.parameters()).dtype
         temb = self.net.embed_conditioning(t3.reshape(-1), guidance, cond.pooled_prompt_embeds.to(net_dtype))
         logvar = self.logvar_linear(temb.to(self.logvar_linear.weight.dtype))
         return F, logvar.to(dtype).reshape(-1, 1, 1)

@@ -171,3 +171,18 @@ class FluxTransformer(FluxTransformer2DModel):
         if zero_init_last:
             self.timestep_embedder2.linear_2.weight.zero_()
             self.timestep_embedder2.linear_2.bias.zero_()
+
+
+def flux_velocity(model, z, t, g, cond, img_ids, timestep2=None) -> torch.Tensor:
+    """The transformer's output at packed z [B, L, C], flow time t [B], guidance g [B] and text `cond`
+    (a model.text.PromptEmbeds), returned in at least fp32.
+
+    Inputs are cast to the model's dtype inside (differentiably, so fp32 JVP tangents work with bf16 weights).
+    """
+    dtype = next(model.parameters()).dtype
+    cond = cond.to(dtype=dtype)
+    extra = {} if timestep2 is None else {"timestep2": timestep2}
+    out = model(hidden_states=z.to(dtype), encoder_hidden_states=cond.prompt_embeds,
+                pooled_projections=cond.pooled_prompt_embeds, timestep=t, guidance=g, img_ids=img_ids,
+                txt_ids=cond.text_ids, return_dict=False, **extra)[0]
+    return out.to(torch.promote_types(out.dtype, torch.float32))

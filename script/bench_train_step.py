@@ -94,7 +94,7 @@ def meanflow_step_fn(model_dir, x0, cond, img_ids, device, reference_attention: 
 
     from model.loading import load_transformer
     from model.meanflow import MeanFlowConfig, meanflow_loss
-    from model.rescale import velocity
+    from model.transformer import flux_velocity
 
     teacher = load_transformer(model_dir, time_input_scale=1.0).to(device).requires_grad_(False)
     student = load_transformer(model_dir, time_input_scale=1.0, dual_timestep=True).to(device)
@@ -113,7 +113,7 @@ def meanflow_step_fn(model_dir, x0, cond, img_ids, device, reference_attention: 
     def teacher_forward():
         with torch.no_grad():
             b = x0.shape[0]
-            velocity(teacher, x0, torch.full((b,), 0.7, device=device), torch.full((b,), 4.0, device=device), cond,
+            flux_velocity(teacher, x0, torch.full((b,), 0.7, device=device), torch.full((b,), 4.0, device=device), cond,
                      img_ids)
 
     return step, teacher_forward

@@ -29,6 +29,7 @@ from model.conventions import flux_mu, shift_times
 from model.latents import image_ids, pack_latents
 from model.text import PromptEmbeds, encode_prompts
 from model.tiny_flux import TinyFluxSize, build_components
+from model.transformer import flux_velocity
 
 from .world import training_example
 
@@ -131,11 +132,6 @@ def encode_captions(components: dict, captions: list[str], max_sequence_length: 
     return out
 
 
-def _velocity(model, x, tau, g, cond: PromptEmbeds, img_ids):
-    return model(hidden_states=x, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled_prompt_embeds,
-                 timestep=tau, guidance=g, img_ids=img_ids, txt_ids=cond.text_ids, return_dict=False)[0]
-
-
 def _draw(x0, config: ToyTeacherConfig, generator):
     batch = x0.shape[0]
     tau = shift_times(torch.sigmoid(torch.randn(batch, generator=generator)), flux_mu(x0.shape[1]))
@@ -191,7 +187,7 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
         tau, eps, g = _draw(x0, config, generator)
         drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
         x = (1 - tau[:, None, None]) * x0 + tau[:, None, None] * eps
-        return F.mse_loss(_velocity(transformer, x, tau, g, batch_cond(idx, drop), ids), eps - x0)
+        return F.mse_loss(flux_velocity(transformer, x, tau, g, batch_cond(idx, drop), ids), eps - x0)
 
     transformer.train()
     run("flow", config.flow_steps, flow_loss)
@@ -205,9 +201,9 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
             cond = batch_cond(idx, torch.zeros(len(idx), dtype=torch.bool))
             uncond = batch_cond(idx, torch.ones(len(idx), dtype=torch.bool))
             with torch.no_grad():
-                v_c = _velocity(frozen, x, tau, g, cond, ids)
-                v_u = _velocity(frozen, x, tau, g, uncond, ids)
-            return F.mse_loss(_velocity(transformer, x, tau, g, cond, ids), v_u + g[:, None, None] * (v_c - v_u))
+                v_c = flux_velocity(frozen, x, tau, g, cond, ids)
+                v_u = flux_velocity(frozen, x, tau, g, uncond, ids)
+            return F.mse_loss(flux_velocity(transformer, x, tau, g, cond, ids), v_u + g[:, None, None] * (v_c - v_u))
 
         run("guidance", config.guidance_steps, guidance_loss)
     transformer.eval().requires_grad_(False)
