@@ -37,17 +37,18 @@ from toyworld.teacher import ToyTeacherConfig  # noqa: E402
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 PRESETS = {
-    "full": dict(teacher=ToyTeacherConfig(), data_images=6000, eval_per_tag=25, batch=32, rescale_steps=300,
-                 scm_steps=600, meanflow_steps=600, lr=1e-4, max_sequence_length=16),
-    "quick": dict(teacher=ToyTeacherConfig(num_images=3000, vae_steps=800, flow_steps=1500, guidance_steps=300),
+    "full": dict(teacher=ToyTeacherConfig(), data_images=6000, eval_per_tag=50, batch=32, rescale_steps=300,
+                 scm_steps=600, meanflow_steps=600, lr=1e-4),
+    # quick: a demo that fits 10 minutes from a fresh clone (setup included); its teacher is far weaker than full's
+    "quick": dict(teacher=ToyTeacherConfig(num_images=4000, vae_steps=500, flow_steps=1000, guidance_steps=100),
                   data_images=3000, eval_per_tag=10, batch=16, rescale_steps=100, scm_steps=150,
-                  meanflow_steps=150, lr=1e-4, max_sequence_length=16),
+                  meanflow_steps=150, lr=1e-4),
     "smoke": dict(teacher=ToyTeacherConfig(num_images=48, vae_steps=4, flow_steps=4, guidance_steps=2, batch=8,
                                            vae_batch=4, num_layers=1, num_single_layers=1, num_attention_heads=2,
                                            attention_head_dim=16, axes_dims_rope=(4, 6, 6), text_dim=32,
                                            vae_channels=(8, 8, 16, 16)),
                   data_images=24, eval_per_tag=1, batch=4, rescale_steps=2, scm_steps=2, meanflow_steps=2, lr=1e-4,
-                  max_sequence_length=16, nfes=(1,), teacher_steps=2, chance_per_tag=10),
+                  nfes=(1,), teacher_steps=2, chance_per_tag=10),
 }
 # the paper's bars, as fractions of the teacher's overall score (issue 6)
 BARS = {("scm", 2): 0.97, ("scm", 1): 0.90, ("meanflow", 4): 0.97, ("meanflow", 1): 0.70}
@@ -69,7 +70,7 @@ def stage_data(out: Path, preset: dict, seed: int) -> tuple[Path, Path]:
 
     data = out / "data" / "train.parquet"
     if not data.exists():
-        write_dataset(out / "data", preset["data_images"], preset["teacher"].resolution, seed, format="parquet")
+        write_dataset(out / "data", preset["data_images"], preset["resolution"], seed, format="parquet")
     eval_file = out / "eval_metadata.jsonl"
     if not eval_file.exists():
         write_eval_metadata(eval_file, preset["eval_per_tag"], seed)
@@ -101,14 +102,15 @@ def _train(module_name: str, argv: list[str], done: Path) -> Path:
 
 def common_train_args(teacher: Path, data: Path, out: Path, preset: dict, steps: int) -> list[str]:
     return ["--pretrained_model_name_or_path", str(teacher), "--data_files", str(data),
-            "--resolution", str(preset["teacher"].resolution), "--train_batch_size", str(preset["batch"]),
+            "--resolution", str(preset["resolution"]), "--train_batch_size", str(preset["batch"]),
             "--max_sequence_length", str(preset["max_sequence_length"]), "--dataloader_num_workers", "0",
             "--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(max(steps // 2, 1)),
             "--checkpoints_total_limit", "1", "--report_to", "tensorboard", "--seed", "0",
             "--resume_from_checkpoint", "latest", "--lr_warmup_steps", str(min(50, steps // 4))]
 
 
-def stage_distill(out: Path, teacher: Path, data: Path, preset: dict) -> dict[str, Path]:
+def stage_distill(out: Path, teacher: Path, data: Path, preset: dict, guidance: float) -> dict[str, Path]:
+    """Rescale, then distil; students learn the teacher at the guidance they are evaluated at (METHODS 8, 18)."""
     lr = str(preset["lr"])
     rescaled = _train("train_rescale", common_train_args(teacher, data, out / "rescale", preset,
                                                          preset["rescale_steps"])
@@ -117,11 +119,13 @@ def stage_distill(out: Path, teacher: Path, data: Path, preset: dict) -> dict[st
     base = ["--rescaled_checkpoint_path", str(rescaled), "--learning_rate", lr]
     scm = _train("train_sCM", common_train_args(teacher, data, out / "scm", preset, preset["scm_steps"]) + base
                  + ["--logit_mean", "0.2", "--logit_std", "1.6",
-                    "--tangent_warmup_steps", str(max(preset["scm_steps"] // 4, 1))],
+                    "--tangent_warmup_steps", str(max(preset["scm_steps"] // 4, 1)),
+                    "--scm_cfg_scale", str(guidance)],
                  out / "scm" / "transformer")
     meanflow = _train("train_meanflow", common_train_args(teacher, data, out / "meanflow", preset,
                                                           preset["meanflow_steps"]) + base
-                      + ["--zero_init_dual", "--use_cfg_meanflow", "True", "--cfg_kappa", "0.5"],
+                      + ["--zero_init_dual", "--use_cfg_meanflow", "True", "--cfg_kappa", "0.5",
+                         "--cfg_scale", str(guidance)],
                       out / "meanflow" / "transformer")
     return {"rescaled": rescaled, "scm": scm, "meanflow": meanflow}
 
@@ -151,7 +155,7 @@ def sample_and_score(pipe, prompts: list[dict], run: Path, nfe: int, preset: dic
     from evaluation.geneval import generate_geneval
     from toyworld.scorer import score_folder
 
-    resolution = preset["teacher"].resolution
+    resolution = preset["resolution"]
 
     def generate(texts, generators):
         return pipe(prompt=texts, height=resolution, width=resolution, num_inference_steps=nfe,
@@ -201,7 +205,9 @@ def chance_levels(per_tag: int = 300, seed: int = 0, resolution: int = 64) -> di
     return levels
 
 
-def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: str) -> str:
+def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: str,
+                 seconds: dict[str, float] | None = None) -> str:
+    """results.md and results.json; `seconds` is this run's wall time per stage (reused stages count ~0)."""
     teacher = next(r for r in rows if r["model"] == "teacher" and r["nfe"] == max(r2["nfe"] for r2 in rows
                                                                                    if r2["model"] == "teacher"))
     lines = [f"# Toy-world distillation benchmark ({mode})", "",
@@ -230,9 +236,13 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
                 beat = r["overall"] > euler["overall"]
                 lines.append(f"- {r['model']} {r['nfe']} step(s) beats the teacher's Euler at {r['nfe']}: "
                              f"{r['overall']:.3f} vs {euler['overall']:.3f}: {'PASS' if beat else 'MISS'}")
+    if seconds:
+        lines += ["", "Wall time of this run (reused stages take ~0 s): "
+                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"mode": mode, "rows": rows, "chance": chance}, indent=1))
+    (out / "results.json").write_text(json.dumps({"mode": mode, "rows": rows, "chance": chance,
+                                                          "seconds": seconds or {}}, indent=1))
     return text
 
 
@@ -251,11 +261,16 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    data, eval_file = stage_data(out, preset, args.seed)
     reuse = Path(args.teacher_dir) if args.teacher_dir else (
         ROOT / "outputs" / "toy_benchmark_full" / "teacher" if args.mode == "quick" else None)
     teacher = stage_teacher(out, preset, args.seed, reuse)
-    trained = stage_distill(out, teacher, data, preset)
+    seconds = {"teacher": time.perf_counter() - start}
+    # prompts are encoded and images drawn as the teacher was trained (also when a teacher is reused)
+    built = json.loads((teacher / "toy_teacher.json").read_text())["config"]
+    preset = {**preset, "resolution": built["resolution"], "max_sequence_length": built["max_sequence_length"]}
+    data, eval_file = stage_data(out, preset, args.seed)
+    trained = stage_distill(out, teacher, data, preset, args.guidance_scale)
+    seconds["data_rescale_distill"] = time.perf_counter() - start - seconds["teacher"]
     log(f"training stages done ({time.perf_counter() - start:.0f} s)")
 
     from evaluation.geneval import load_prompts
@@ -274,8 +289,10 @@ def main(argv=None) -> dict:
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "overall": summary["overall"],
                      "categories": summary["categories"], "sec_per_image": summary["sec_per_image"]})
         log(f"{model} ({sampler}, {nfe} steps): overall {summary['overall']:.3f}")
-    chance = chance_levels(preset.get("chance_per_tag", 300), resolution=preset["teacher"].resolution)
-    report = write_report(out, rows, chance, args.mode)
+    chance = chance_levels(preset.get("chance_per_tag", 300), resolution=preset["resolution"])
+    seconds["sample_score"] = time.perf_counter() - start - sum(seconds.values())
+    seconds["total"] = time.perf_counter() - start
+    report = write_report(out, rows, chance, args.mode, seconds)
     print(report)
     log(f"done in {time.perf_counter() - start:.0f} s; image grids in {out / 'grids'}")
     return json.loads((out / "results.json").read_text())

@@ -39,9 +39,9 @@ NEGATIVE_PROMPT = " "
 @dataclass
 class ToyTeacherConfig:
     resolution: int = 64
-    num_images: int = 6000
+    num_images: int = 20000
     seed: int = 0
-    max_sequence_length: int = 16
+    max_sequence_length: int = 12  # the longest caption is 11 T5 tokens with </s>
     # architecture (FLUX layout at a small size)
     num_layers: int = 2
     num_single_layers: int = 4
@@ -56,7 +56,7 @@ class ToyTeacherConfig:
     vae_crop: int = 32  # the VAE is convolutional: it trains on random crops, 4x cheaper at 64 px
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    flow_steps: int = 5000
+    flow_steps: int = 8000
     guidance_steps: int = 800
     batch: int = 64
     lr: float = 1e-3
@@ -142,8 +142,13 @@ def _draw(x0, config: ToyTeacherConfig, generator):
 
 
 def train_transformer(transformer, latents: torch.Tensor, captions: list[str], text: dict[str, PromptEmbeds],
-                      config: ToyTeacherConfig, generator: torch.Generator, log=print) -> dict:
-    """Stage 1 (conditional flow matching with caption dropout), then stage 2 (guidance distillation)."""
+                      config: ToyTeacherConfig, generator: torch.Generator, log=print, snapshot=None,
+                      snapshot_every: int = 1000) -> dict:
+    """Stage 1 (conditional flow matching with caption dropout), then stage 2 (guidance distillation).
+
+    `snapshot(stage, step, state_dict)`, if given, receives the EMA weights every `snapshot_every` steps
+    (to follow quality during a long build).
+    """
     h, w = latents.shape[-2:]
     x_all = pack_latents(latents)
     ids = image_ids(h, w)
@@ -173,6 +178,10 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
+            if snapshot and (step + 1) % snapshot_every == 0:
+                names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+                state = {**transformer.state_dict(), **dict(zip(names, ema))}
+                snapshot(stage, step + 1, {k: v.detach().clone().contiguous() for k, v in state.items()})
             if step % 250 == 0 or step == steps - 1:
                 _log(log, f"{stage} step {step}: loss {np.mean(losses[-250:]):.4f} "
                           f"({time.perf_counter() - start:.0f} s)")
@@ -210,7 +219,8 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
     return {stage: float(np.mean(v[-100:])) for stage, v in history.items()}
 
 
-def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = None, log=print) -> Path:
+def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = None, log=print,
+                      snapshot=None) -> Path:
     """Render the world, train the VAE and the transformer, and save the FLUX pipeline folder."""
     from diffusers import FluxPipeline
 
@@ -224,7 +234,8 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
     _log(log, f"rendered {len(images)} training images ({time.perf_counter() - start:.0f} s)")
     latents = train_vae(components["vae"], images, config, generator, log)
     text = encode_captions(components, captions, config.max_sequence_length)
-    final_losses = train_transformer(components["transformer"], latents, captions, text, config, generator, log)
+    final_losses = train_transformer(components["transformer"], latents, captions, text, config, generator, log,
+                                     snapshot)
     FluxPipeline(**components).save_pretrained(output_dir, safe_serialization=True)
     summary = {"config": asdict(config), "final_losses": final_losses, "seconds": time.perf_counter() - start}
     (output_dir / "toy_teacher.json").write_text(json.dumps(summary, indent=1))
