@@ -37,8 +37,8 @@ from toyworld.teacher import ToyTeacherConfig  # noqa: E402
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 PRESETS = {
-    "full": dict(teacher=ToyTeacherConfig(), data_images=6000, eval_per_tag=50, batch=32, rescale_steps=300,
-                 scm_steps=600, meanflow_steps=600, lr=1e-4),
+    "full": dict(teacher=ToyTeacherConfig(), data_images=6000, eval_per_tag=50, batch=32, rescale_steps=1000,
+                 scm_steps=1500, meanflow_steps=1500, lr=2e-4),
     # quick: a demo that fits 10 minutes from a fresh clone (setup included); its teacher is far weaker than full's
     "quick": dict(teacher=ToyTeacherConfig(num_images=4000, vae_steps=500, flow_steps=1000, guidance_steps=100),
                   data_images=3000, eval_per_tag=10, batch=16, rescale_steps=100, scm_steps=150,

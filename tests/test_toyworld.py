@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from evaluation.geneval import load_prompts, write_prompt
@@ -343,3 +344,23 @@ def test_world_cli(tmp_path, capsys):
     assert table.column_names == ["image", "caption"] and len(table) == 3
     world.main(["eval", "--output", str(tmp_path / "eval.jsonl"), "--per_tag", "2"])
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 12
+
+
+def test_teacher_build_saves_the_ema_weights_it_snapshots(tmp_path):
+    """The saved transformer is the EMA of the last stage, the same tensors the snapshot hook received."""
+    from safetensors.torch import load_file
+
+    from toyworld.teacher import ToyTeacherConfig, build_toy_teacher
+
+    config = ToyTeacherConfig(num_images=12, vae_steps=2, flow_steps=4, guidance_steps=0, batch=4, vae_batch=2,
+                              num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                              axes_dims_rope=(4, 6, 6), text_dim=32, vae_channels=(8, 8, 16, 16))
+    snapshots = {}
+    build_toy_teacher(tmp_path / "teacher", config, log=None,
+                      snapshot=lambda stage, step, state: snapshots.__setitem__((stage, step), state),
+                      snapshot_every=2)
+    assert sorted(snapshots) == [("flow", 2), ("flow", 4)]
+    saved = load_file(str(next((tmp_path / "teacher" / "transformer").glob("*.safetensors"))))
+    assert set(saved) == set(snapshots[("flow", 4)])
+    assert all(torch.equal(saved[k], snapshots[("flow", 4)][k]) for k in saved)
+    assert any(not torch.equal(saved[k], snapshots[("flow", 2)][k]) for k in saved)

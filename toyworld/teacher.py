@@ -220,7 +220,7 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
 
 
 def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = None, log=print,
-                      snapshot=None) -> Path:
+                      snapshot=None, snapshot_every: int = 1000) -> Path:
     """Render the world, train the VAE and the transformer, and save the FLUX pipeline folder."""
     from diffusers import FluxPipeline
 
@@ -235,7 +235,7 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
     latents = train_vae(components["vae"], images, config, generator, log)
     text = encode_captions(components, captions, config.max_sequence_length)
     final_losses = train_transformer(components["transformer"], latents, captions, text, config, generator, log,
-                                     snapshot)
+                                     snapshot, snapshot_every)
     FluxPipeline(**components).save_pretrained(output_dir, safe_serialization=True)
     summary = {"config": asdict(config), "final_losses": final_losses, "seconds": time.perf_counter() - start}
     (output_dir / "toy_teacher.json").write_text(json.dumps(summary, indent=1))
