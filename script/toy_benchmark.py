@@ -3,8 +3,8 @@
     python script/toy_benchmark.py [--mode full|quick|smoke] [--output_dir outputs/toy_benchmark]
 
 Stages (each reused when its output exists, so an interrupted run continues and --quick reuses --full's):
-  1. world data: a training set (parquet) and held-out GenEval-format evaluation prompts
-  2. toy teacher: a small FLUX pipeline (x1000 time/guidance, 16-channel VAE, CLIP + T5) trained on the world
+  1. toy teacher: a small FLUX pipeline (x1000 time/guidance, 16-channel VAE, CLIP + T5) trained on the world
+  2. world data at the teacher's resolution: a training set (parquet) and held-out GenEval-format prompts
   3. rescale: train_rescale.py makes the x1 teacher
   4. distil: train_sCM.py and train_meanflow.py from the rescaled teacher
   5. sample the held-out prompts (4 images each): the teacher at 28 steps and with its own Euler sampler at
@@ -215,9 +215,8 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
         lines += [f"{mode} mode checks the workflow end to end with short training and few prompts (and, unless a full "
                   "run's teacher is reused, a far weaker teacher): its scores and bars are not the benchmark's "
                   "(README, 'Toy world').", ""]
-    lines += [
-             "| model | sampler | NFE | overall | " + " | ".join(TAGS) + " | vs teacher | s/image |",
-             "|---|---|---|---|" + "---|" * len(TAGS) + "---|---|"]
+    lines += ["| model | sampler | NFE | overall | " + " | ".join(TAGS) + " | vs teacher | s/image |",
+              "|---|---|---|---|" + "---|" * len(TAGS) + "---|---|"]
     for r in rows:
         cats = " | ".join(f"{r['categories'].get(t, float('nan')):.3f}" for t in TAGS)
         frac = r["overall"] / teacher["overall"] if teacher["overall"] else float("nan")
@@ -247,7 +246,7 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"mode": mode, "rows": rows, "chance": chance,
-                                                          "seconds": seconds or {}}, indent=1))
+                                                  "seconds": seconds or {}}, indent=1))
     return text
 
 

@@ -163,7 +163,7 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
         losses = []
-        params = [p for p in transformer.parameters() if p.requires_grad]
+        names, params = zip(*[(n, p) for n, p in transformer.named_parameters() if p.requires_grad])
         ema = [p.detach().clone() for p in params]
         start = time.perf_counter()
         for step in range(steps):
@@ -179,7 +179,6 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
             if snapshot and (step + 1) % snapshot_every == 0:
-                names = [n for n, p in transformer.named_parameters() if p.requires_grad]
                 state = {**transformer.state_dict(), **dict(zip(names, ema))}
                 snapshot(stage, step + 1, {k: v.detach().clone().contiguous() for k, v in state.items()})
             if step % 250 == 0 or step == steps - 1:
