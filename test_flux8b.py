@@ -8,20 +8,22 @@ do not depend on the batch size or on the number of processes. With --rescaled_c
 the rescaled (x1 time input) teacher instead of the original.
 """
 
-from evaluation.sampling import device_and_dtype, run_geneval, sampling_parser
-from model.loading import load_transformer
-from model.pipeline import FluxEulerPipeline
+from common.cli import run
+from evaluation.sampling import check_sampling_args, device_and_dtype, run_geneval, sampling_parser
 
 
 def parse_args(argv=None):
     parser = sampling_parser(__doc__.splitlines()[0], default_steps=28)
     parser.add_argument("--rescaled_checkpoint_path", default=None,
                         help="weights of the rescaled (x1) teacher: .pt {'module': state_dict}, .safetensors or folder")
-    return parser.parse_args(argv)
+    return check_sampling_args(parser.parse_args(argv))
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the model stack is imported, so that a mistake is reported at once
+    from model.loading import load_transformer
+    from model.pipeline import FluxEulerPipeline
+
     device, dtype = device_and_dtype(args.mixed_precision)
     hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
     transformer = load_transformer(
@@ -38,4 +40,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,13 +8,13 @@ students as they are. Batched, sharded under torchrun, resumable and seeded per 
 Sampling: z_r = z_t - (t - r) u(z_t, t, t - r) on FLUX's resolution-shifted schedule (METHODS 5.2).
 """
 
+from common.cli import run
 from evaluation.sampling import student_main
-from model.pipeline import FluxMeanFlowPipeline
 
 
 def main(argv=None):
-    return student_main(__doc__, FluxMeanFlowPipeline, argv, dual_timestep=True)
+    return student_main(__doc__, "FluxMeanFlowPipeline", argv, dual_timestep=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

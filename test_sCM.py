@@ -8,14 +8,14 @@ students as they are. Batched, sharded under torchrun, resumable and seeded per 
 Two steps use the intermediate angle 1.3 (METHODS 5.1).
 """
 
+from common.cli import run
 from evaluation.sampling import student_main
-from model.pipeline import FluxSCMPipeline
 
 
 def main(argv=None):
     # the reference's sCM checkpoints also hold the training-only log-variance head
-    return student_main(__doc__, FluxSCMPipeline, argv, drop_keys=("logvar_linear.",))
+    return student_main(__doc__, "FluxSCMPipeline", argv, drop_keys=("logvar_linear.",))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,6 +14,7 @@ flag: --jvp_tangent data (reference) | teacher, --cfg_delta t_minus_r (reference
 
 import torch
 
+from common.cli import finite_float, nonnegative_float, positive_float, probability, run
 from model.attention import use_jvp_attention
 from model.meanflow import MeanFlowConfig, meanflow_loss
 from model.pipeline import FluxMeanFlowPipeline
@@ -66,24 +67,24 @@ class MeanFlow(DistillationMethod):
 def parse_args(argv=None):
     parser = training_parser(__doc__.splitlines()[0])
     g = parser.add_argument_group("MeanFlow")
-    g.add_argument("--cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0],
+    g.add_argument("--cfg_scale", type=nonnegative_float, nargs="+", default=[4.0, 4.5, 5.0],
                    help="guidance scales fed to teacher and student (one drawn per sample)")
     g.add_argument("--time_sampler", choices=["logit_normal", "uniform"], default="logit_normal")
-    g.add_argument("--time_mu", type=float, default=-0.4)
-    g.add_argument("--time_sigma", type=float, default=1.0)
-    g.add_argument("--ratio_r_not_equal_t", type=float, default=0.75,
+    g.add_argument("--time_mu", type=finite_float, default=-0.4)
+    g.add_argument("--time_sigma", type=positive_float, default=1.0)
+    g.add_argument("--ratio_r_not_equal_t", type=probability, default=0.75,
                    help="fraction of samples with r != t (0.75 means P(r = t) = 0.25)")
-    g.add_argument("--adaptive_p", type=float, default=1.0)
+    g.add_argument("--adaptive_p", type=nonnegative_float, default=1.0)
     g.add_argument("--weighting", choices=["adaptive", "high_order", "uniform"], default="adaptive",
                    help="high_order: the paper's gamma loss (weight sg(L_b + c)^(gamma - 1))")
-    g.add_argument("--high_order_gamma", type=float, default=2.0)
+    g.add_argument("--high_order_gamma", type=positive_float, default=2.0)
     g.add_argument("--path_type", choices=["linear"], default="linear")
-    g.add_argument("--cfg_prob", type=float, default=0.1, help="label dropout to the ' ' prompt")
+    g.add_argument("--cfg_prob", type=probability, default=0.1, help="label dropout to the ' ' prompt")
     g.add_argument("--use_cfg_meanflow", type=str2bool, nargs="?", const=True, default=False)
-    g.add_argument("--cfg_omega", type=float, default=1.0)
-    g.add_argument("--cfg_kappa", type=float, default=0.0)
-    g.add_argument("--cfg_min_t", type=float, default=0.0)
-    g.add_argument("--cfg_max_t", type=float, default=1.0)
+    g.add_argument("--cfg_omega", type=finite_float, default=1.0)
+    g.add_argument("--cfg_kappa", type=finite_float, default=0.0)
+    g.add_argument("--cfg_min_t", type=probability, default=0.0)
+    g.add_argument("--cfg_max_t", type=probability, default=1.0)
     g.add_argument("--jvp_tangent", choices=["teacher", "data"], default="teacher",
                    help="z-tangent of the JVP: the teacher (or CFG-mixed) velocity, or the reference's data velocity")
     g.add_argument("--cfg_delta", choices=["zero", "t_minus_r"], default="zero",
@@ -99,4 +100,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

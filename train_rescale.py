@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from common.cli import UsageError, nonnegative_float, positive_float, positive_int, probability, run
 from model.loading import load_transformer
 from model.pipeline import FluxEulerPipeline
-from model.rescale import (RescaleConfig, format_report, remap_initialisation, rescale_loss, sample_agreement,
-                           velocity_error_by_time)
+from model.rescale import (TIME_COMPONENTS, RescaleConfig, format_report, remap_initialisation, rescale_loss,
+                           sample_agreement, velocity_error_by_time)
 from training import DistillationMethod, Trainer, training_parser
 from training.checkpoint import atomic_torch_save
 
@@ -33,9 +34,8 @@ class Rescale(DistillationMethod):
 
     def __init__(self, args):
         super().__init__(args)
-        mixture = dict(item.split(":") for item in args.time_mixture)
         self.config = RescaleConfig(
-            time_mixture={k: float(v) for k, v in mixture.items()},
+            time_mixture=dict(args.time_mixture),
             guidance_min=args.guidance_min, guidance_max=args.guidance_max, prompt_dropout=args.prompt_dropout,
             loss=args.rescale_loss, smooth_l1_beta=args.smooth_l1_beta,
         )
@@ -58,29 +58,42 @@ class Rescale(DistillationMethod):
                             self.neg_cond, batch.img_ids, self.config, generator)
 
 
+def mixture_component(text: str) -> tuple[str, float]:
+    """argparse type of --time_mixture items: "name:weight" with a known name and a weight >= 0."""
+    import argparse
+
+    name, _, weight = text.partition(":")
+    if name not in TIME_COMPONENTS or not weight:
+        raise argparse.ArgumentTypeError(f"{text!r} is not name:weight with a name among {', '.join(TIME_COMPONENTS)}")
+    return name, nonnegative_float(weight)
+
+
 def parse_args(argv=None):
     parser = training_parser(__doc__.splitlines()[0])
     g = parser.add_argument_group("rescaling")
     g.add_argument("--init", choices=["copy", "remap"], default="copy",
                    help="copy: the x1 student starts from the original weights; remap: time/guidance embedder "
                         "inputs re-indexed to x1 frequencies (METHODS 2.2)")
-    g.add_argument("--time_mixture", nargs="+", default=["logit_normal:1", "shifted:1", "uniform:1"],
+    g.add_argument("--time_mixture", nargs="+", type=mixture_component,
+                   default=[("logit_normal", 1.0), ("shifted", 1.0), ("uniform", 1.0)],
                    help="components:weights of the flow-time distribution")
-    g.add_argument("--guidance_min", type=float, default=1.0)
-    g.add_argument("--guidance_max", type=float, default=6.0,
+    g.add_argument("--guidance_min", type=nonnegative_float, default=1.0)
+    g.add_argument("--guidance_max", type=nonnegative_float, default=6.0,
                    help="guidance ~ U[min, max]; must cover training (4-5) and sampling (3.5-4.5) values")
-    g.add_argument("--prompt_dropout", type=float, default=0.1)
+    g.add_argument("--prompt_dropout", type=probability, default=0.1)
     g.add_argument("--negative_prompt", default="", help="the prompt a dropped caption becomes")
     g.add_argument("--rescale_loss", choices=["smooth_l1", "mse"], default="smooth_l1")
-    g.add_argument("--smooth_l1_beta", type=float, default=0.05)
+    g.add_argument("--smooth_l1_beta", type=positive_float, default=0.05)
     g.add_argument("--eval_only", action="store_true",
                    help="only report the agreement of --rescaled_checkpoint_path (or of the initialisation)")
-    g.add_argument("--eval_batches", type=int, default=2)
-    g.add_argument("--eval_steps", type=int, default=28)
-    g.add_argument("--eval_guidance", type=float, default=3.5)
+    g.add_argument("--eval_batches", type=positive_int, default=2)
+    g.add_argument("--eval_steps", type=positive_int, default=28)
+    g.add_argument("--eval_guidance", type=nonnegative_float, default=3.5)
     g.add_argument("--eval_prompts", nargs="+", default=["a photo of a cat", "a photo of a red car",
                                                          "a photo of two dogs", "a blue bench left of a tree"])
     args = parser.parse_args(argv)
+    if args.guidance_min > args.guidance_max:
+        raise UsageError(f"--guidance_min {args.guidance_min} exceeds --guidance_max {args.guidance_max}")
     args.allow_unrescaled_teacher = True  # the student here starts from the x1000 weights on purpose
     return args
 
@@ -144,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

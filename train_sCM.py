@@ -11,6 +11,7 @@ student along it, with tangent warmup and normalisation, 1/sigma weighting and a
 
 import torch
 
+from common.cli import finite_float, nonnegative_float, nonnegative_int, positive_float, run
 from model.attention import use_jvp_attention
 from model.pipeline import FluxSCMPipeline
 from model.scm import SCMConfig, TrigFlowModel, scm_loss
@@ -52,13 +53,13 @@ class SCM(DistillationMethod):
 def parse_args(argv=None):
     parser = training_parser(__doc__.splitlines()[0])
     g = parser.add_argument_group("sCM")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="P_mean of sigma = exp(P_mean + P_std n)")
-    g.add_argument("--logit_std", type=float, default=1.0, help="P_std of sigma = exp(P_mean + P_std n)")
-    g.add_argument("--sigma_data", type=float, default=0.5)
-    g.add_argument("--scm_cfg_scale", type=float, nargs="+", default=[4.0, 4.5, 5.0],
+    g.add_argument("--logit_mean", type=finite_float, default=0.0, help="P_mean of sigma = exp(P_mean + P_std n)")
+    g.add_argument("--logit_std", type=nonnegative_float, default=1.0, help="P_std of sigma = exp(P_mean + P_std n)")
+    g.add_argument("--sigma_data", type=positive_float, default=0.5)
+    g.add_argument("--scm_cfg_scale", type=nonnegative_float, nargs="+", default=[4.0, 4.5, 5.0],
                    help="guidance scales the teacher and student are fed (one drawn per sample)")
-    g.add_argument("--tangent_warmup_steps", type=int, default=4000)
-    g.add_argument("--scm_lambda", type=float, default=1.0)
+    g.add_argument("--tangent_warmup_steps", type=nonnegative_int, default=4000)
+    g.add_argument("--scm_lambda", type=positive_float, default=1.0)
     return parser.parse_args(argv)
 
 
@@ -68,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

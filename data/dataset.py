@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import logging
 import math
@@ -14,6 +15,8 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
+
+from common.cli import MissingPathError, UsageError, hub_error, looks_like_local_path, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
     group.add_argument("--caption_column", type=str, default="llava", help="Column holding the captions.")
     group.add_argument("--dataset_split", type=str, default="train", help="Dataset split to train on.")
-    group.add_argument("--max_train_samples", type=int, default=None,
+    group.add_argument("--max_train_samples", type=positive_int, default=None,
                        help="Keep only the first N samples (debugging or quick runs).")
 
 
@@ -45,11 +48,11 @@ def _builder_for_files(data_files: Sequence[str]) -> str:
     for data_file in data_files:
         builder = _BUILDER_BY_EXTENSION.get(Path(data_file).suffix.lower())
         if builder is None:
-            raise ValueError(f"Cannot tell the format of data file {data_file!r}; "
+            raise UsageError(f"Cannot tell the format of data file {data_file!r}; "
                              f"supported extensions: {', '.join(sorted(_BUILDER_BY_EXTENSION))}.")
         builders.add(builder)
     if len(builders) > 1:
-        raise ValueError(f"--data_files mixes formats ({', '.join(sorted(builders))}); pass files of one format.")
+        raise UsageError(f"--data_files mixes formats ({', '.join(sorted(builders))}); pass files of one format.")
     return builders.pop()
 
 
@@ -72,6 +75,9 @@ def _cast_image_structs(dataset: datasets.Dataset) -> datasets.Dataset:
 
 def _load_local_files(data_files: Sequence[str], split: str, cache_dir: Optional[str]) -> datasets.Dataset:
     """Load local data files (paths or globs) with the packaged builder matching their extension."""
+    for data_file in data_files:
+        if not glob.glob(os.path.expanduser(data_file)):
+            raise MissingPathError(f"--data_files {data_file} matches no file")
     dataset = datasets.load_dataset(_builder_for_files(data_files), data_files=list(data_files),
                                     split=split, cache_dir=cache_dir)
     return _cast_image_structs(dataset)
@@ -88,7 +94,7 @@ def load_text_image_dataset(
     files = [os.fspath(path) for path in data_files] if data_files else None
     if dataset_name is None:
         if not files:
-            raise ValueError("No dataset given: pass --dataset_name (hub id or local folder) or --data_files.")
+            raise UsageError("No dataset given: pass --dataset_name (hub id or local folder) or --data_files.")
         return _load_local_files(files, split, cache_dir)
     local_path = Path(dataset_name)
     if local_path.is_file():
@@ -98,16 +104,22 @@ def load_text_image_dataset(
         if parquet_files:
             return _load_local_files(parquet_files, split, cache_dir)
         return datasets.load_dataset("imagefolder", data_dir=str(local_path), split=split, cache_dir=cache_dir)
-    dataset = datasets.load_dataset(os.fspath(dataset_name), dataset_config_name, data_files=files,
-                                    split=split, cache_dir=cache_dir)
+    if looks_like_local_path(os.fspath(dataset_name)):
+        raise MissingPathError(f"--dataset_name {dataset_name} does not exist; pass a local folder (imagefolder "
+                               "with metadata.jsonl, or parquet files), a data file, or a hub dataset id")
+    try:
+        dataset = datasets.load_dataset(os.fspath(dataset_name), dataset_config_name, data_files=files,
+                                        split=split, cache_dir=cache_dir)
+    except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise hub_error(os.fspath(dataset_name), err, "--dataset_name") from err
     return _cast_image_structs(dataset)
 
 
 def validate_resolution(resolution: int) -> None:
-    """Raise a ValueError unless `resolution` is a positive multiple of 16."""
+    """Raise a UsageError unless `resolution` is a positive multiple of 16."""
     if not isinstance(resolution, int) or resolution <= 0 or resolution % RESOLUTION_MULTIPLE:
         suggestion = RESOLUTION_MULTIPLE * max(1, math.ceil(resolution / RESOLUTION_MULTIPLE))
-        raise ValueError(f"--resolution {resolution} is not a positive multiple of {RESOLUTION_MULTIPLE} "
+        raise UsageError(f"--resolution {resolution} is not a positive multiple of {RESOLUTION_MULTIPLE} "
                          f"(FLUX packs 2x2 latent patches of the x8 VAE); use e.g. {suggestion}.")
 
 
@@ -147,9 +159,9 @@ def _decode_image(value: dict[str, Any]) -> Image.Image:
 
 
 def _check_column(dataset: datasets.Dataset, column: str, flag: str) -> None:
-    """Raise a ValueError naming `column`, the existing columns and `flag` if `column` is missing."""
+    """Raise a UsageError naming `column`, the existing columns and `flag` if `column` is missing."""
     if column not in dataset.column_names:
-        raise ValueError(f"Column {column!r} not found in the dataset; existing columns: "
+        raise UsageError(f"Column {column!r} not found in the dataset; existing columns: "
                          f"{', '.join(dataset.column_names)}. Choose one with {flag}.")
 
 
@@ -170,7 +182,7 @@ class TextImageDataset(torch.utils.data.Dataset):
         if max_samples is not None:
             hf_dataset = hf_dataset.select(range(max(0, min(max_samples, len(hf_dataset)))))
         if len(hf_dataset) == 0:
-            raise ValueError("The dataset is empty (check --dataset_split, --data_files and --max_train_samples).")
+            raise UsageError("The dataset is empty (check --dataset_split, --data_files and --max_train_samples).")
         hf_dataset = hf_dataset.select_columns([image_column, caption_column])
         self.dataset = hf_dataset.cast_column(image_column, datasets.Image(decode=False))
         self.resolution = resolution

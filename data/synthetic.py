@@ -129,12 +129,15 @@ def make_synthetic_dataset(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command line entry point: write a synthetic dataset and print the path to load it from."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    from common.cli import ArgumentParser, nonnegative_int, positive_int
+
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_images", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=64, help="Base image size; some images are non-square.")
+    parser.add_argument("--num_images", type=positive_int, default=8)
+    parser.add_argument("--resolution", type=positive_int, default=64,
+                        help="Base image size; some images are non-square.")
     parser.add_argument("--format", choices=FORMATS, default="imagefolder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     args = parser.parse_args(argv)
     path = make_synthetic_dataset(args.output_dir, num_images=args.num_images, resolution=args.resolution,
                                   seed=args.seed, format=args.format)
@@ -142,4 +145,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run
+
+    run(main)

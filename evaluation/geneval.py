@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.cli import UsageError, require_file
+
 EVAL_DIR = Path(__file__).resolve().parent
 DEFAULT_METADATA = EVAL_DIR / "evaluation_metadata.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -33,18 +35,27 @@ def load_prompts(
     With neither file, the 553 GenEval prompts shipped in evaluation/.
     """
     if prompts_file and metadata_file:
-        raise ValueError("pass either --prompts_file or --metadata_file, not both")
+        raise UsageError("pass either --prompts_file or --metadata_file, not both")
     if prompts_file:
-        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines()]
+        lines = [line.strip() for line in require_file(prompts_file, "--prompts_file").read_text().splitlines()]
         items = [{"prompt": line} for line in lines if line]
     else:
-        path = Path(metadata_file or DEFAULT_METADATA)
-        items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for n, item in enumerate(items):
-            if "prompt" not in item:
-                raise ValueError(f"{path} line {n + 1} has no 'prompt' key")
+        path = require_file(metadata_file, "--metadata_file") if metadata_file else DEFAULT_METADATA
+        items = []
+        for n, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path} line {n + 1} is not JSON ({err.msg}); a GenEval metadata file holds one "
+                                 "JSON object per line") from err
+            if not isinstance(item, dict) or "prompt" not in item:
+                raise UsageError(f"{path} line {n + 1} has no 'prompt' key; pass GenEval-format metadata or use "
+                                 "--prompts_file for plain prompts")
+            items.append(item)
     if not items:
-        raise ValueError(f"no prompts found in {prompts_file or metadata_file}")
+        raise UsageError(f"no prompts found in {prompts_file or metadata_file}; the file is empty")
     return items[:limit] if limit is not None else items
 
 
@@ -88,7 +99,7 @@ def check_run_config(run: Path, config: dict) -> None:
         previous = json.loads(path.read_text())
         changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
         if changed:
-            raise ValueError(
+            raise UsageError(
                 f"{run} already holds images made with other settings {changed} (old, new); "
                 "use another --output_dir or delete that folder"
             )

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from common.cli import (ArgumentParser, UsageError, check_pretrained_model, nonnegative_float, nonnegative_int,
+                        positive_int, require_file, resolution)
+
 from .geneval import Shard, generate_geneval, load_prompts, run_dir
 
 logger = logging.getLogger(__name__)
@@ -19,24 +22,26 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 
 def sampling_parser(description: str, default_steps: int, default_guidance: float = 3.5) -> argparse.ArgumentParser:
     """The reference's test-script flags, plus batching, prompt selection and precision."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--pretrained_model_name_or_path", required=True,
                    help="FLUX pipeline folder or hub id (text encoders, VAE, scheduler and transformer config)")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--cache_dir", default=None)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--num_inference_steps", type=int, default=default_steps)
-    p.add_argument("--guidance_scale", type=float, default=default_guidance)
-    p.add_argument("--seed", type=int, default=42, help="every image's noise is derived from (seed, prompt, image)")
-    p.add_argument("--max_sequence_length", type=int, default=256)
+    p.add_argument("--resolution", type=resolution, default=512)
+    p.add_argument("--num_inference_steps", type=positive_int, default=default_steps)
+    p.add_argument("--guidance_scale", type=nonnegative_float, default=default_guidance,
+                   help="the value fed to FLUX's guidance embedding (>= 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=42,
+                   help="every image's noise is derived from (seed, prompt, image)")
+    p.add_argument("--max_sequence_length", type=positive_int, default=256)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--prompts_file", default=None, help="one prompt per line (default: the GenEval prompts)")
     p.add_argument("--metadata_file", default=None, help="GenEval-format metadata .jsonl (default: GenEval's)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (quick runs)")
-    p.add_argument("--images_per_prompt", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call")
-    p.add_argument("--transformer_batch_size", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts (quick runs)")
+    p.add_argument("--images_per_prompt", type=positive_int, default=4)
+    p.add_argument("--batch_size", type=positive_int, default=4, help="prompts per pipeline call")
+    p.add_argument("--transformer_batch_size", type=positive_int, default=None,
                    help="images per transformer call (default: --images_per_prompt, which makes every image "
                         "bitwise independent of --batch_size and of the number of processes)")
     p.add_argument("--mixed_precision", choices=sorted(DTYPES), default=None,
@@ -50,12 +55,28 @@ def add_student_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume_path", required=True,
                         help="the student: a .pt holding {'module': state_dict} (ours or the reference's released "
                              "students), a .safetensors file, or a diffusers transformer folder")
-    parser.add_argument("--global_step", type=int, default=None,
+    parser.add_argument("--global_step", type=nonnegative_int, default=None,
                         help="training step for the output folder name (default: parsed from --resume_path)")
     for action in parser._actions:
         if action.dest == "num_inference_steps":
             action.nargs = "+"
             action.help = "one or more step counts, e.g. 1 2 4 (one GenEval folder each)"
+
+
+def check_sampling_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The paths a sampling run needs exist, before any model is loaded (one-line errors otherwise)."""
+    check_pretrained_model(args.pretrained_model_name_or_path)
+    if args.prompts_file and args.metadata_file:
+        raise UsageError("pass either --prompts_file or --metadata_file, not both")
+    for flag in ("prompts_file", "metadata_file"):
+        if getattr(args, flag):
+            require_file(getattr(args, flag), f"--{flag}")
+    for flag in ("resume_path", "rescaled_checkpoint_path"):
+        value = getattr(args, flag, None)
+        if value and not Path(value).exists():
+            raise UsageError(f"--{flag} {value} does not exist; pass a .pt holding {{'module': state_dict}}, a "
+                             ".safetensors file or a diffusers transformer folder")
+    return args
 
 
 def global_step_of(path: str | os.PathLike) -> int:
@@ -84,8 +105,6 @@ def run_geneval(args: argparse.Namespace, pipeline, global_step: int = 0, extra_
     steps = num_inference_steps or args.num_inference_steps
     if args.ds_file:
         logger.warning("--ds_file is ignored: sampling needs no DeepSpeed engine")
-    if args.batch_size < 1 or args.images_per_prompt < 1:
-        raise ValueError("--batch_size and --images_per_prompt must be >= 1")
     prompts = load_prompts(args.prompts_file, args.metadata_file, args.limit)
     run = run_dir(args.output_dir, args.resolution, steps, args.guidance_scale, global_step)
     pipeline.set_progress_bar_config(disable=True)
@@ -132,11 +151,16 @@ def student_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def student_main(doc: str, pipeline_cls, argv=None, **load_kwargs) -> list:
-    """The whole of test_sCM.py / test_meanflow.py: parse, load the x1 student from --resume_path, sample."""
+def student_main(doc: str, pipeline_name: str, argv=None, **load_kwargs) -> list:
+    """The whole of test_sCM.py / test_meanflow.py: parse, load the x1 student from --resume_path, sample.
+
+    `pipeline_name` names a class of model.pipeline; the model stack is imported after the flags are checked.
+    """
+    args = check_sampling_args(student_parser(doc).parse_args(argv))
+    import model.pipeline
     from model.loading import load_transformer
 
-    args = student_parser(doc).parse_args(argv)
+    pipeline_cls = getattr(model.pipeline, pipeline_name)
     device, dtype = device_and_dtype(args.mixed_precision)
     hub = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
     transformer = load_transformer(args.pretrained_model_name_or_path, weights_path=args.resume_path,

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
+
+from common.cli import MissingPathError, UsageError, hub_error, one_line
 
 from .transformer import DUAL_TIMESTEP_KEYS, FluxTransformer
 
@@ -22,14 +27,25 @@ logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UsageError):
     """A state dict whose keys do not match the model it is loaded into."""
+
+
+@contextmanager
+def hub_errors(name: str, flag: str = "--pretrained_model_name_or_path"):
+    """Turn "cannot find or fetch this model" errors of diffusers / huggingface_hub into one-line UsageErrors."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as err:
+        raise hub_error(name, err, flag) from err
 
 
 def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}; export the model with save_pretrained")
+        raise MissingPathError(f"no .safetensors weights in {folder}; export the model with save_pretrained")
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
         state_dict.update(load_file(file))
@@ -44,22 +60,31 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingPathError(f"checkpoint {path} does not exist")
     if path.is_dir():
         state_dict = _folder_weights(path / "transformer" if (path / "transformer").is_dir() else path)
     elif path.suffix == ".safetensors":
         state_dict = load_file(path)
     elif path.suffix in PICKLE_SUFFIXES:
+        fix = "pass a .pt holding {'module': state_dict}, a .safetensors file or a diffusers transformer folder"
+        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] != b"\x80":  # torch.save: zip, or legacy pickle
+            raise UsageError(f"{path} is not a file written by torch.save (it starts with {path.read_bytes()[:16]!r}); "
+                             + fix)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle of arbitrary objects is refused on purpose
-            raise ValueError(f"{path} is not a plain tensor checkpoint loadable with weights_only=True: {err}") from err
+        except pickle.UnpicklingError as err:  # pickle of arbitrary objects is refused on purpose
+            raise UsageError(f"{path} holds pickled Python objects besides tensors, which are not loaded (code could "
+                             f"run); {fix}") from err
+        except Exception as err:
+            first = one_line(str(err).strip().splitlines()[0] if str(err).strip() else "")
+            raise UsageError(f"{path} cannot be read with torch.load ({type(err).__name__}: {first[:200]}); "
+                             f"{fix}") from err
         state_dict = obj.get("module", obj) if isinstance(obj, dict) else obj
     else:
-        raise ValueError(f"unknown checkpoint type {path.suffix!r} for {path}: use .safetensors, .pt or a folder")
+        raise UsageError(f"unknown checkpoint type {path.suffix!r} for {path}: use .safetensors, .pt or a folder")
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         keys = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} holds no state dict (top-level keys: {keys}); expected {{'module': state_dict}}")
+        raise UsageError(f"{path} holds no state dict (top-level keys: {keys}); expected {{'module': state_dict}}")
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
@@ -96,8 +121,29 @@ def load_state_dict_strict(
     if shapes:
         raise CheckpointMismatchError(f"{source}: shape mismatch for {shapes[:8]}; wrong model size?")
     current = model.state_dict()
+    if assign:
+        state_dict = with_own_storage(state_dict)
     model.load_state_dict({**{k: current[k] for k in allowed}, **state_dict}, strict=True, assign=assign)
     return allowed
+
+
+def with_own_storage(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors, except that any tensor sharing its storage with an earlier one is a copy.
+
+    `torch.save` keeps shared storage, and `load_state_dict(assign=True)` keeps the loaded tensors, so a file
+    whose tensors alias each other (the reference's MeanFlow students: `timestep_embedder2` aliases the time
+    embedder, METHODS 8.12) would otherwise give a model in which training one parameter changes another.
+    """
+    seen: set[tuple[str, int]] = set()
+    out = {}
+    for key, tensor in state_dict.items():
+        if tensor.device.type == "meta":
+            out[key] = tensor
+            continue
+        storage = (tensor.device.type, tensor.untyped_storage().data_ptr())
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
 
 
 def load_transformer(
@@ -126,16 +172,19 @@ def load_transformer(
     overrides = {} if time_input_scale is None else {"time_input_scale": time_input_scale}
     hub = {"revision": revision, "variant": variant, "cache_dir": cache_dir}
     if weights_path is None:
-        model = FluxTransformer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **hub, **overrides)
+        with hub_errors(pretrained_model_name_or_path):
+            model = FluxTransformer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **hub,
+                                                   **overrides)
     else:
         state_dict = read_state_dict(weights_path)
         dropped = [k for k in state_dict if drop_keys and k.startswith(drop_keys)]
         if dropped:
             logger.info("ignoring training-only keys of %s: %s", weights_path, dropped)
             state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
-        config = FluxTransformer.load_config(
-            pretrained_model_name_or_path, subfolder=subfolder, revision=revision, cache_dir=cache_dir
-        )
+        with hub_errors(pretrained_model_name_or_path):
+            config = FluxTransformer.load_config(
+                pretrained_model_name_or_path, subfolder=subfolder, revision=revision, cache_dir=cache_dir
+            )
         has_dual = any(k.startswith(DUAL_TIMESTEP_KEYS) for k in state_dict)
         with init_empty_weights():
             model = FluxTransformer.from_config(config, dual_timestep=has_dual, **overrides)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.cli import UsageError
+
 from .conventions import flow_interpolate, flow_velocity
 from .text import PromptEmbeds
 from .transformer import flux_velocity
@@ -82,11 +84,11 @@ class MeanFlowConfig:
         for name, allowed in [("time_sampler", TIME_SAMPLERS), ("weighting", WEIGHTINGS),
                               ("jvp_tangent", JVP_TANGENTS), ("cfg_delta", CFG_DELTAS), ("path_type", ("linear",))]:
             if getattr(self, name) not in allowed:
-                raise ValueError(f"MeanFlowConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
+                raise UsageError(f"MeanFlowConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
         if not 0.0 <= self.ratio_r_not_equal_t <= 1.0 or not 0.0 <= self.cfg_prob <= 1.0:
-            raise ValueError("ratio_r_not_equal_t and cfg_prob are probabilities: they must lie in [0, 1]")
+            raise UsageError("ratio_r_not_equal_t and cfg_prob are probabilities: they must lie in [0, 1]")
         if not self.guidance_scales:
-            raise ValueError("guidance_scales must hold at least one guidance scale")
+            raise UsageError("guidance_scales must hold at least one guidance scale")
 
 
 # ----------------------------------------------------------------------------------------------- randomness

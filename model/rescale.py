@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from common.cli import UsageError
 import torch.nn.functional as F
 
 from .conventions import flow_interpolate, flux_mu, shift_times
@@ -35,12 +37,13 @@ class RescaleConfig:
 
     def __post_init__(self):
         unknown = set(self.time_mixture) - set(TIME_COMPONENTS)
-        if unknown or not self.time_mixture or min(self.time_mixture.values()) < 0:
-            raise ValueError(f"time mixture {self.time_mixture}: use weights >= 0 for {TIME_COMPONENTS}")
+        weights = list(self.time_mixture.values())
+        if unknown or not weights or min(weights) < 0 or not sum(weights):
+            raise UsageError(f"time mixture {self.time_mixture}: use weights >= 0, not all 0, for {TIME_COMPONENTS}")
         if self.loss not in ("smooth_l1", "mse"):
-            raise ValueError(f"loss {self.loss!r}: use smooth_l1 or mse")
+            raise UsageError(f"loss {self.loss!r}: use smooth_l1 or mse")
         if not 0 <= self.guidance_min <= self.guidance_max:
-            raise ValueError("need 0 <= guidance_min <= guidance_max")
+            raise UsageError("need 0 <= guidance_min <= guidance_max")
 
 
 def sample_flow_times(batch: int, image_seq_len: int, config: RescaleConfig, generator: torch.Generator) -> torch.Tensor:

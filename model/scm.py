@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from common.cli import UsageError
+
 from .conventions import SIGMA_DATA, sigma_to_trig
 from .text import PromptEmbeds
 from .transformer import flux_velocity
@@ -49,9 +51,9 @@ class SCMConfig:
     def __post_init__(self):
         self.guidance_scales = tuple(float(g) for g in self.guidance_scales)
         if not self.guidance_scales:
-            raise ValueError("SCMConfig.guidance_scales must hold at least one guidance scale")
+            raise UsageError("SCMConfig.guidance_scales must hold at least one guidance scale")
         if self.sigma_data <= 0 or self.logit_std < 0 or self.tangent_norm_eps < 0 or self.tangent_warmup_steps < 0:
-            raise ValueError(f"invalid SCMConfig: {self}")
+            raise UsageError(f"invalid SCMConfig: {self}")
 
     def warmup_ratio(self, step: int) -> float:
         """r = min(1, step / H) (METHODS 3.5.2); r = 1 without warmup (H = 0)."""

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from common.cli import MissingPathError, UsageError
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
@@ -21,7 +23,7 @@ def default_config_path(micro_batch_size: int) -> Path:
 def _agree(config: dict, key: str, value, flag: str, path) -> None:
     current = config.get(key, "auto")
     if current != "auto" and float(current) != float(value):
-        raise ValueError(f"{path} sets {key}={current} but {flag} is {value}; make them agree (or set \"auto\")")
+        raise UsageError(f"{path} sets {key}={current} but {flag} is {value}; make them agree (or set \"auto\")")
 
 
 def deepspeed_config(
@@ -37,11 +39,16 @@ def deepspeed_config(
     path = Path(path)
     if not path.exists():
         shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.json")))
-        raise FileNotFoundError(f"--ds_file {path} does not exist; shipped configs in {CONFIG_DIR}: {shipped}")
-    config = json.loads(path.read_text())
+        raise MissingPathError(f"--ds_file {path} does not exist; shipped configs in {CONFIG_DIR}: {shipped}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--ds_file {path} is not a JSON DeepSpeed config ({err})") from err
+    if not isinstance(config, dict):
+        raise UsageError(f"--ds_file {path} is not a JSON object (a DeepSpeed config)")
     micro = config.get("train_micro_batch_size_per_gpu", "auto")
     if micro != "auto" and int(micro) != train_batch_size:
-        raise ValueError(
+        raise UsageError(
             f"{path} sets train_micro_batch_size_per_gpu={micro} but --train_batch_size is {train_batch_size}; "
             + (f"use {default_config_path(train_batch_size)}" if default_config_path(train_batch_size).exists()
                else "pass a config whose micro-batch matches (or set it to \"auto\")")

@@ -151,16 +151,20 @@ def measure(args) -> dict:
     return {"config": args.config, "seconds": statistics.median(times), "peak_mib": peak, "device": device.type}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    from common.cli import ArgumentParser, check_pretrained_model, positive_int, resolution
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(METHODS), default="scm")
     parser.add_argument("--pretrained_model_name_or_path", default=None)
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--max_sequence_length", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=positive_int, default=2)
+    parser.add_argument("--resolution", type=resolution, default=512)
+    parser.add_argument("--max_sequence_length", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--config", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.pretrained_model_name_or_path:
+        check_pretrained_model(args.pretrained_model_name_or_path)
     if args.config:
         print(json.dumps(measure(args)))
         return
@@ -173,7 +177,7 @@ def main() -> None:
         results = {}
         for config in CONFIGS:
             cmd = [sys.executable, __file__, "--config", config] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k != "config" and v is not None]
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("config", "debug") and v is not None]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode:
                 raise SystemExit(f"{config} failed:\n{out.stderr[-3000:]}")
@@ -192,4 +196,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run
+
+    run(main)

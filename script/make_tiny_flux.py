@@ -3,21 +3,21 @@
     python script/make_tiny_flux.py --output_dir tiny-flux [--size tiny|small] [--seed 0]
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.cli import ArgumentParser, nonnegative_int, run  # noqa: E402
 from model.tiny_flux import SIZES, build_tiny_flux, count_parameters  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    args = parser.parse_args(argv)
     path = build_tiny_flux(args.output_dir, size=args.size, seed=args.seed)
 
     from diffusers import FluxTransformer2DModel
@@ -27,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

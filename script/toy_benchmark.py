@@ -251,14 +251,19 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(PRESETS), default="full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="mode")
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--teacher_dir", default=None, help="reuse this toy teacher (default: a full run's)")
-    parser.add_argument("--guidance_scale", type=float, default=3.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance_scale", type=nonnegative_float, default=3.5)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     args = parser.parse_args(argv)
+    if args.teacher_dir and not (Path(args.teacher_dir) / "toy_teacher.json").exists():
+        raise UsageError(f"--teacher_dir {args.teacher_dir} is not a toy teacher folder (no toy_teacher.json); "
+                         "pass the teacher/ folder of a toy benchmark run, or drop the flag to build one")
     preset = PRESETS[args.mode]
     out = Path(args.output_dir or ROOT / "outputs" / f"toy_benchmark_{args.mode}")
     out.mkdir(parents=True, exist_ok=True)
@@ -303,4 +308,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run
+
+    run(main)

@@ -80,7 +80,7 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"module": Payload()}, f)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match="pickled Python objects"):
         read_state_dict(path)
 
 
@@ -95,3 +95,24 @@ def test_module_prefix_and_non_state_dicts(tmp_path, x1_weights):
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown checkpoint type"):
         read_state_dict(tmp_path / "weights.npz")
+
+
+def test_a_checkpoint_with_aliased_tensors_loads_into_parameters_that_own_their_storage(tiny_flux, x1_weights, tmp_path):
+    """The reference's MeanFlow students alias timestep_embedder2 with the time embedder (METHODS 8.12); torch.save
+    keeps that sharing. Loaded, every parameter must own its storage, or training one would change the other."""
+    state = dict(x1_weights)
+    prefix = "time_text_embed.timestep_embedder."
+    for name in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
+        state["timestep_embedder2." + name] = state[prefix + name]  # the same tensor: shared storage
+    path = tmp_path / "reference_meanflow.pt"
+    torch.save({"module": state}, path)
+    raw = read_state_dict(path)  # the precondition: the file itself shares storage
+    assert raw["timestep_embedder2.linear_1.weight"].data_ptr() == raw[prefix + "linear_1.weight"].data_ptr()
+
+    student = load_transformer(str(tiny_flux), weights_path=path, time_input_scale=1.0, dual_timestep=True)
+    assert_same_weights(student, state)
+    pointers = [p.untyped_storage().data_ptr() for p in student.parameters()]
+    assert len(set(pointers)) == len(pointers)
+    with torch.no_grad():
+        student.timestep_embedder2.linear_1.weight.add_(1.0)
+    assert torch.equal(student.time_text_embed.timestep_embedder.linear_1.weight, state[prefix + "linear_1.weight"])

@@ -1,7 +1,5 @@
 """Samplers and pipelines against closed-form oracles (METHODS 9)."""
 
-import math
-
 import pytest
 import torch
 from diffusers import ModelMixin

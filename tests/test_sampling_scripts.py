@@ -1,4 +1,9 @@
-"""End to end: test_flux8b.py on the tiny FLUX, batched, resumed and under torchrun with 2 processes."""
+"""End to end: test_flux8b.py on the tiny FLUX, batched, resumed and under torchrun with 2 processes.
+
+Images are bitwise equal whatever the batch size and the number of processes *at the same number of threads per
+process*: CPU matrix kernels may change the last bit with the thread count (seen on AMD EPYC), and torchrun gives
+each worker OMP_NUM_THREADS=1 when it is unset. So every run here is compared at one thread per process.
+"""
 
 import os
 import subprocess
@@ -11,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(args, cwd=ROOT, launcher=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
     cmd = (launcher or [sys.executable]) + args
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,14 +59,6 @@ def test_teacher_images_do_not_depend_on_the_number_of_processes(teacher_run, tm
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     run([a if a != str(out) else str(tmp_path / "tr") for a in args], launcher=torchrun)
     assert pngs(tmp_path / "tr") == pngs(out)
-
-
-def test_bad_resolution_is_a_clear_error(tiny_flux, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "test_flux8b.py", "--pretrained_model_name_or_path", str(tiny_flux),
-                             "--resolution", "72", "--limit", "1", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0 and "not a multiple of 16" in result.stderr
 
 
 def test_scm_student_script_samples_1_2_4_steps_from_a_reference_checkpoint(tiny_flux, tmp_path):

@@ -1,9 +1,6 @@
 """The training skeleton through train_sCM.py on the tiny FLUX: steps, resume, crashes, bad inputs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -138,7 +138,10 @@ def score_folder(run_dir: str | os.PathLike, detector: Optional[Detector] = None
     """Score every image of a GenEval-layout folder; optionally write the per-image results as .jsonl."""
     results = score_images(run_dir, detector)
     if not results:
-        raise ValueError(f"no GenEval prompt folders with samples under {run_dir}")
+        from common.cli import UsageError
+
+        raise UsageError(f"no GenEval prompt folders with samples under {run_dir}; pass a folder holding "
+                         "<NNNNN>/metadata.jsonl and <NNNNN>/samples/*.png")
     if per_image_path is not None:
         Path(per_image_path).write_text("".join(json.dumps(result) + "\n" for result in results))
     return summarize(results)
@@ -146,11 +149,14 @@ def score_folder(run_dir: str | os.PathLike, detector: Optional[Detector] = None
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command line: score a run folder, print and optionally save the summary."""
-    parser = argparse.ArgumentParser(description="GenEval-rules scorer for the toy world.")
-    parser.add_argument("run_dir")
+    from common.cli import ArgumentParser, require_dir
+
+    parser = ArgumentParser(description="GenEval-rules scorer for the toy world.")
+    parser.add_argument("run_dir", help="a GenEval-layout folder: <run_dir>/<NNNNN>/metadata.jsonl + samples/*.png")
     parser.add_argument("--out", default=None, help="write the summary JSON here")
     parser.add_argument("--per_image", default=None, help="write per-image results (.jsonl) here")
     args = parser.parse_args(argv)
+    require_dir(args.run_dir, "run_dir")
     summary = score_folder(args.run_dir, per_image_path=args.per_image)
     for tag, accuracy in summary["categories"].items():
         print(f"{tag:<14} {accuracy:.4f}")
@@ -160,4 +166,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run
+
+    run(main)

@@ -277,19 +277,21 @@ def write_dataset(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command line: write a training dataset or held-out evaluation prompts."""
-    parser = argparse.ArgumentParser(description="Toy GenEval-style text-to-image world.")
+    from common.cli import ArgumentParser, nonnegative_int, positive_int
+
+    parser = ArgumentParser(description="Toy GenEval-style text-to-image world.")
     commands = parser.add_subparsers(dest="command", required=True)
     dataset = commands.add_parser("dataset", help="write a training dataset")
     dataset.add_argument("--output_dir", required=True)
-    dataset.add_argument("--num_images", type=int, required=True)
-    dataset.add_argument("--resolution", type=int, default=64)
+    dataset.add_argument("--num_images", type=positive_int, required=True)
+    dataset.add_argument("--resolution", type=positive_int, default=64)
     dataset.add_argument("--format", choices=FORMATS, default="imagefolder")
     dataset.add_argument("--caption_column", default="llava")
-    dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument("--seed", type=nonnegative_int, default=0)
     evaluation = commands.add_parser("eval", help="write held-out GenEval-format evaluation prompts")
     evaluation.add_argument("--output", required=True)
-    evaluation.add_argument("--per_tag", type=int, default=50)
-    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--per_tag", type=positive_int, default=50)
+    evaluation.add_argument("--seed", type=nonnegative_int, default=0)
     args = parser.parse_args(argv)
     if args.command == "dataset":
         print(write_dataset(args.output_dir, args.num_images, args.resolution, args.seed, args.format,
@@ -300,4 +302,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run
+
+    run(main)

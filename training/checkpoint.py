@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from common.cli import MissingPathError, UsageError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -51,9 +53,22 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / value
     if not (path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {path} is not a complete checkpoint folder "
-                                f"(available: {[p.name for _, p in list_checkpoints(output_dir)]})")
+        available = [p.name for _, p in list_checkpoints(output_dir)]
+        raise MissingPathError(f"--resume_from_checkpoint {value}: {path} is not a complete checkpoint folder; pass "
+                               f"'latest' or one of {available or 'the checkpoint-<step> folders of a run'}")
     return path
+
+
+def check_resumable(path: Path, num_processes: int) -> dict:
+    """The checkpoint's trainer state, if this run can continue it exactly (same number of processes)."""
+    try:
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path / TRAINER_STATE} cannot be read ({err}); resume from another checkpoint") from err
+    if trainer_state.get("num_processes") != num_processes:
+        raise UsageError(f"{path} was written by {trainer_state.get('num_processes')} processes; resume with the "
+                         f"same number (now {num_processes}) to continue exactly")
+    return trainer_state
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
@@ -114,7 +129,7 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     rank_file = path / f"rank_state_{accelerator.process_index}.pt"
     if not rank_file.exists():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{rank_file} is missing: the checkpoint was written by a run with fewer processes; resume with "
             f"the same number of processes ({trainer_state.get('num_processes')})"
         )

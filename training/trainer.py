@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.cli import UnwritablePathError, UsageError, check_pretrained_model, hub_error
 from data import TextImageDataset, build_dataloader, load_text_image_dataset
 from model.latents import encode_images, image_ids, pack_latents
 from model.loading import load_transformer
 from model.text import PromptEmbeds, encode_prompts
 
-from .checkpoint import export_transformer, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import check_resumable, export_transformer, load_checkpoint, resolve_resume, save_checkpoint
 
 logger = logging.getLogger("training")
 
@@ -109,7 +110,8 @@ def _check_output_dir(output_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"--output_dir {output_dir} is not writable ({err.strerror}); choose another folder") from err
+        raise UnwritablePathError(f"--output_dir {output_dir} is not writable ({err.strerror}); choose another "
+                                  "folder") from err
 
 
 def build_accelerator(args: argparse.Namespace, project: str):
@@ -130,7 +132,8 @@ def build_accelerator(args: argparse.Namespace, project: str):
         ds_precision = "bf16" if config.get("bf16", {}).get("enabled") else (
             "fp16" if config.get("fp16", {}).get("enabled") else "no")
         if mixed_precision not in (None, ds_precision):
-            raise ValueError(f"--mixed_precision {mixed_precision} disagrees with {args.ds_file} ({ds_precision})")
+            raise UsageError(f"--mixed_precision {mixed_precision} disagrees with {args.ds_file} ({ds_precision}); "
+                             "drop the flag or change the config")
         mixed_precision = ds_precision
     elif mixed_precision is None:
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
@@ -164,8 +167,12 @@ def _tracker_config(args) -> dict:
 def load_components(args, device, dtype) -> Components:
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=None, revision=args.revision,
-                                        variant=args.variant, cache_dir=args.cache_dir, dtype=dtype)
+    try:
+        pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=None,
+                                            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                                            dtype=dtype)
+    except OSError as err:
+        raise hub_error(args.pretrained_model_name_or_path, err) from err
     for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.requires_grad_(False).eval().to(device)
     pipe.vae.enable_slicing()
@@ -176,7 +183,7 @@ def load_components(args, device, dtype) -> Components:
 def load_rescaled(args, dtype, **kwargs):
     """The x1 transformer from --rescaled_checkpoint_path, with a clear stop when it is missing."""
     if not args.rescaled_checkpoint_path and not args.allow_unrescaled_teacher:
-        raise ValueError(
+        raise UsageError(
             "--rescaled_checkpoint_path is required: distillation trains x1 (rescaled time input) models, and "
             "without it the x1 model would start from x1000 weights that are untrained for x1 time inputs. "
             "Make one with train_rescale.py, or pass --allow_unrescaled_teacher for a smoke test."
@@ -193,7 +200,7 @@ def _make_optimizer(args, params):
         try:
             import prodigyopt
         except ImportError as err:
-            raise ImportError("--optimizer prodigy needs `pip install prodigyopt`") from err
+            raise UsageError("--optimizer prodigy needs `pip install prodigyopt`") from err
         return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon, decouple=args.prodigy_decouple,
@@ -224,10 +231,13 @@ class Trainer:
     # ----- setup -----
     def setup(self):
         args = self.args
-        if args.resolution % 16:
-            raise ValueError(f"--resolution {args.resolution} is not a multiple of 16; use e.g. 512")
+        # the user's inputs are checked before anything slow (the 8B model load) so that a mistake costs seconds
+        check_pretrained_model(args.pretrained_model_name_or_path)
         _check_output_dir(Path(args.output_dir))
+        self.resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
         self.accelerator = acc = build_accelerator(args, self.method.tracker_project)
+        if self.resume_path is not None:
+            check_resumable(self.resume_path, acc.num_processes)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             level=logging.INFO if acc.is_main_process else logging.WARNING)
         if args.allow_tf32 and torch.cuda.is_available():
@@ -237,19 +247,19 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(rank_seed(args.seed, acc.process_index))
         torch.manual_seed(rank_seed(args.seed, acc.process_index))
 
-        self.components = load_components(args, self.device, self.weight_dtype)
-        student, teacher = self.method.build(self.components, self.weight_dtype, self.device)
-        if teacher is not None:
-            teacher.requires_grad_(False).eval().to(self.device)
-        student.train().to(self.device)
-        self.teacher = teacher
-
         dataset = load_text_image_dataset(args.dataset_name, args.dataset_config_name, args.data_files,
                                           args.dataset_split, args.cache_dir)
         dataset = TextImageDataset(dataset, args.resolution, args.image_column, args.caption_column,
                                    args.max_train_samples)
         loader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, shuffle=True,
                                   seed=args.seed)
+
+        self.components = load_components(args, self.device, self.weight_dtype)
+        student, teacher = self.method.build(self.components, self.weight_dtype, self.device)
+        if teacher is not None:
+            teacher.requires_grad_(False).eval().to(self.device)
+        student.train().to(self.device)
+        self.teacher = teacher
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
         params = [p for p in student.parameters() if p.requires_grad]
@@ -259,7 +269,8 @@ class Trainer:
 
         updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps / acc.num_processes)
         if updates_per_epoch == 0:
-            raise ValueError(f"the dataset ({len(dataset)} items) is smaller than one batch per process")
+            raise UsageError(f"the dataset ({len(dataset)} items) is smaller than one batch per process; lower "
+                             "--train_batch_size or add data")
         if args.max_train_steps is None:
             args.max_train_steps = args.num_train_epochs * updates_per_epoch
         if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
@@ -361,13 +372,10 @@ class Trainer:
         return path
 
     def resume(self) -> None:
-        path = resolve_resume(self.args.output_dir, self.args.resume_from_checkpoint)
+        path = self.resume_path
         if path is None:
             return
         trainer_state, rank_state = load_checkpoint(self.accelerator, path)
-        if trainer_state.get("num_processes") != self.accelerator.num_processes:
-            raise ValueError(f"{path} was written by {trainer_state.get('num_processes')} processes; resume with "
-                             f"the same number (now {self.accelerator.num_processes}) to continue exactly")
         self.state.update(trainer_state)
         self.generator.set_state(rank_state["generator"])
         logger.info("resumed from %s at step %d", path, self.state["global_step"])

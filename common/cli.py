@@ -1,0 +1,209 @@
+"""What every entry script shares: one-line errors for a user's mistakes, checked argument types, quiet logs.
+
+A user's mistake (a path that does not exist, a flag out of range, a checkpoint of another kind, a resume with
+another number of processes) raises `UsageError`. `run(main)` prints it as one line on stderr,
+"<prog>: error: <problem and fix>", and exits with status 2, as argparse does for a bad flag. Any other
+exception is a bug and keeps its traceback. `--debug`, or FLUX_DISTILL_DEBUG=1, shows the traceback of user
+errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEBUG_ENV = "FLUX_DISTILL_DEBUG"
+RESOLUTION_MULTIPLE = 16  # FLUX's x8 VAE, then 2x2 latent patches
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input; its message names the problem and the fix, on one line."""
+
+
+class MissingPathError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is not what the flag needs)."""
+
+
+class UnwritablePathError(UsageError, PermissionError):
+    """A folder the user named cannot be written."""
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# ----- quiet output -----
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: Sequence[str]):
+        super().__init__()
+        self.fragments = tuple(fragments)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+# Notices a user can do nothing about: transformers announces, at every import of the FLUX pipeline, that the
+# image processors of models we never use fall back to PIL because torchvision is absent (it is not needed).
+KNOWN_NOISE = {"transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",)}
+
+
+def silence_known_noise() -> None:
+    """Drop exactly the messages in KNOWN_NOISE (by logger and text); every other warning still shows."""
+    for name, fragments in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
+
+
+silence_known_noise()
+
+
+# ----- argument types (argparse turns their errors into "argument --flag: message", exit 2) -----
+def _number(kind: Callable, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(float, text)
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
+    return value
+
+
+def decay(text: str) -> float:
+    """A number in [0, 1) (Adam betas, EMA decays)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value:g}")
+    return value
+
+
+def resolution(text: str) -> int:
+    """An image side that FLUX can take: a positive multiple of 16."""
+    value = _number(int, text)
+    if value < RESOLUTION_MULTIPLE or value % RESOLUTION_MULTIPLE:
+        suggestion = RESOLUTION_MULTIPLE * max(1, round(value / RESOLUTION_MULTIPLE))
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of {RESOLUTION_MULTIPLE} (FLUX packs "
+                                         f"2x2 patches of the x8 VAE latent); use e.g. {suggestion}")
+    return value
+
+
+# ----- paths -----
+def looks_like_local_path(value: str) -> bool:
+    """True for values that can only be a local path (a hub id is "name" or "org/name")."""
+    return (os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
+            or (os.sep != "/" and os.sep in value))
+
+
+def require_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise MissingPathError(f"{flag} {path} {what}{'; ' + hint if hint else ''}")
+    return path
+
+
+def require_dir(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise MissingPathError(f"{flag} {path} {what}{'; ' + hint if hint else ''}")
+    return path
+
+
+def check_pretrained_model(value: str, flag: str = "--pretrained_model_name_or_path") -> str:
+    """A local diffusers pipeline folder (with model_index.json) or something that can be a hub id."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise MissingPathError(f"{flag} {value} is not a diffusers pipeline folder (no model_index.json); pass "
+                                   "the folder FluxPipeline.save_pretrained wrote, or a hub id such as "
+                                   "Freepik/flux.1-lite-8B")
+    elif looks_like_local_path(value):
+        raise MissingPathError(f"{flag} {value} does not exist; pass a diffusers FLUX pipeline folder or a hub id "
+                               "such as Freepik/flux.1-lite-8B")
+    return value
+
+
+def hub_error(value: str, err: Exception, flag: str = "--pretrained_model_name_or_path") -> UsageError:
+    """A one-line UsageError for a model or dataset that could not be fetched (offline, typo, no access)."""
+    first = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    offline = " (HF_HUB_OFFLINE is set: only local folders and the local cache can be used)" \
+        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+    return UsageError(f"{flag} {value} could not be loaded{offline}: {first[:300]}")
+
+
+# ----- the parser and the entry point -----
+def debug_requested(argv: Sequence[str] | None = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `--debug` and errors on one line ("<prog>: error: <message>", exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help=f"show full tracebacks for input errors too (or set {DEBUG_ENV}=1)")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def run(main: Callable, argv: Sequence[str] | None = None):
+    """Call `main(argv)`; a UsageError becomes one line on stderr and exit status 2 (unless debugging)."""
+    try:
+        return main(argv)
+    except UsageError as err:
+        if debug_requested(argv):
+            raise
+        sys.stderr.flush()
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {one_line(err)}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
