@@ -32,21 +32,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from toyworld.teacher import ToyTeacherConfig  # noqa: E402
+from toyworld.teacher import PRESETS as TEACHER_PRESETS  # noqa: E402
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 PRESETS = {
-    "full": dict(teacher=ToyTeacherConfig(), data_images=6000, eval_per_tag=50, batch=32, rescale_steps=1000,
+    "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=50, batch=32, rescale_steps=1000,
                  scm_steps=1500, meanflow_steps=1500, lr=2e-4),
     # quick: a demo that fits 10 minutes from a fresh clone (setup included); its teacher is far weaker than full's
-    "quick": dict(teacher=ToyTeacherConfig(num_images=4000, vae_steps=400, flow_steps=600, guidance_steps=100),
+    "quick": dict(teacher=TEACHER_PRESETS["quick"],
                   data_images=3000, eval_per_tag=8, batch=16, rescale_steps=80, scm_steps=120,
                   meanflow_steps=120, lr=1e-4, chance_per_tag=150),
-    "smoke": dict(teacher=ToyTeacherConfig(num_images=48, vae_steps=4, flow_steps=4, guidance_steps=2, batch=8,
-                                           vae_batch=4, num_layers=1, num_single_layers=1, num_attention_heads=2,
-                                           attention_head_dim=16, axes_dims_rope=(4, 6, 6), text_dim=32,
-                                           vae_channels=(8, 8, 16, 16)),
+    "smoke": dict(teacher=TEACHER_PRESETS["smoke"],
                   data_images=24, eval_per_tag=1, batch=4, rescale_steps=2, scm_steps=2, meanflow_steps=2, lr=1e-4,
                   nfes=(1,), teacher_steps=2, chance_per_tag=10),
 }

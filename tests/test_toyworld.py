@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -347,20 +348,38 @@ def test_world_cli(tmp_path, capsys):
 
 
 def test_teacher_build_saves_the_ema_weights_it_snapshots(tmp_path):
-    """The saved transformer is the EMA of the last stage, the same tensors the snapshot hook received."""
+    """The saved transformer and text encoders are the EMA of the last stage, as the snapshot hook received them."""
     from safetensors.torch import load_file
 
-    from toyworld.teacher import ToyTeacherConfig, build_toy_teacher
+    from toyworld.teacher import PRESETS, build_toy_teacher
 
-    config = ToyTeacherConfig(num_images=12, vae_steps=2, flow_steps=4, guidance_steps=0, batch=4, vae_batch=2,
-                              num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
-                              axes_dims_rope=(4, 6, 6), text_dim=32, vae_channels=(8, 8, 16, 16))
+    config = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=4, guidance_steps=0, batch=4,
+                     vae_batch=2)
     snapshots = {}
     build_toy_teacher(tmp_path / "teacher", config, log=None,
-                      snapshot=lambda stage, step, state: snapshots.__setitem__((stage, step), state),
+                      snapshot=lambda stage, step, states: snapshots.__setitem__((stage, step), states),
                       snapshot_every=2)
     assert sorted(snapshots) == [("flow", 2), ("flow", 4)]
-    saved = load_file(str(next((tmp_path / "teacher" / "transformer").glob("*.safetensors"))))
-    assert set(saved) == set(snapshots[("flow", 4)])
-    assert all(torch.equal(saved[k], snapshots[("flow", 4)][k]) for k in saved)
-    assert any(not torch.equal(saved[k], snapshots[("flow", 2)][k]) for k in saved)
+    for i, name in enumerate(["transformer", "text_encoder", "text_encoder_2"]):
+        saved = load_file(str(next((tmp_path / "teacher" / name).glob("*.safetensors"))))
+        final, earlier = snapshots[("flow", 4)][i], snapshots[("flow", 2)][i]
+        assert set(saved) <= set(final)
+        assert all(torch.equal(saved[k], final[k]) for k in saved), name
+        assert any(not torch.equal(saved[k], earlier[k]) for k in saved), name  # the encoders trained too
+
+
+def test_teacher_build_stopped_halfway_and_rerun_equals_one_straight_build(tmp_path):
+    from toyworld.teacher import PRESETS, build_toy_teacher
+
+    config = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=6, guidance_steps=4, batch=4,
+                     vae_batch=2, checkpoint_every=2)
+    build_toy_teacher(tmp_path / "straight", config, log=None)
+    assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=3) is None  # flow 0 -> 3
+    assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=5) is None  # flow 3 -> 6, guidance 0 -> 2
+    assert torch.load(tmp_path / "halves" / "build" / "guidance.pt", weights_only=True)["step"] == 2
+    assert build_toy_teacher(tmp_path / "halves", config, log=None) is not None
+    for folder in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        for file in (tmp_path / "straight" / folder).glob("*.safetensors"):
+            assert file.read_bytes() == (tmp_path / "halves" / folder / file.name).read_bytes(), file
+    with pytest.raises(ValueError, match="other settings"):
+        build_toy_teacher(tmp_path / "halves", replace(config, flow_steps=8), log=None)

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Protocol
 import numpy as np
 from PIL import Image
 
-from toyworld.world import BACKGROUND, COLORS
+from toyworld.world import BACKGROUND, COLORS, CROSS_ARM, RING_HOLE
 
 WINDOW_PAD = 2  # pixels around a component's box that its soft mask may extend to (blurred edges)
 
@@ -45,6 +45,11 @@ GEOMETRY: dict[str, ShapeGeometry] = {
     "circle": ShapeGeometry(lambda u, v: (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25, np.pi / 4, 0.5),
     "square": ShapeGeometry(lambda u, v: np.ones(np.broadcast(u, v).shape, bool), 1.0, 0.5),
     "triangle": ShapeGeometry(lambda u, v: np.abs(u - 0.5) <= v / 2, 0.5, 2 / 3),  # apex up
+    "cross": ShapeGeometry(lambda u, v: (np.abs(u - 0.5) <= CROSS_ARM / 2) | (np.abs(v - 0.5) <= CROSS_ARM / 2),
+                           CROSS_ARM * (2 - CROSS_ARM), 0.5),
+    "ring": ShapeGeometry(lambda u, v: ((u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25)
+                          & ((u - 0.5) ** 2 + (v - 0.5) ** 2 >= (RING_HOLE / 2) ** 2),
+                          np.pi / 4 * (1 - RING_HOLE ** 2), 0.5),
 }
 
 

@@ -1,15 +1,23 @@
 """The toy teacher: a small FLUX-architecture pipeline trained on the toy world, saved as a diffusers folder.
 
-Components are those of FLUX at a small size (model.tiny_flux.build_components): CLIP + T5 text encoders
-(random, frozen: the transformer learns to read them), a 16-channel x8 AutoencoderKL trained here on the
-world's images, and a FluxTransformer2DModel with FLUX's x1000 time and guidance inputs, trained here:
+Components are those of FLUX at a small size (model.tiny_flux.build_components): CLIP + T5 text encoders, a
+16-channel x8 AutoencoderKL and a FluxTransformer2DModel with FLUX's x1000 time and guidance inputs. Stages:
 
-1. flow matching on the world (x_tau = (1 - tau) x0 + tau eps, target eps - x0, 10% of captions dropped to
-   the " " prompt, guidance input drawn at random and ignored);
-2. guidance distillation, as FLUX was made: the model fed g learns v_u + g (v_c - v_u) of the stage-1 model.
+1. VAE: reconstruction + a small KL on the world's images; shift/scale set so latents have mean 0, std 1.
+2. flow: conditional flow matching (x_tau = (1 - tau) x0 + tau eps, target eps - x0, 10% of captions dropped
+   to the " " prompt, the guidance input drawn at random and ignored). The text encoders train with the
+   transformer here (`train_text_encoders`), since FLUX's encoders arrive pretrained and random ones leave the
+   transformer to decode colour-object binding from noise; they are frozen from then on, as FLUX's are.
+3. guidance: guidance distillation, as FLUX was made: the model fed g learns v_u + g (v_c - v_u) of the
+   stage-2 model.
 
-The result loads through the same code as FLUX.1-lite-8B (`--pretrained_model_name_or_path DIR`); nothing in
-the distillation code knows it is a toy.
+The build is resumable: `<output_dir>/build/` holds the VAE stage's result and, every `checkpoint_every` steps,
+the state of the running stage (weights, optimiser, LR schedule, EMA, random streams, step), written
+atomically; rerunning the same build continues exactly where it stopped (a build stopped halfway and rerun
+equals one straight build, tested). The result loads through the same code as FLUX.1-lite-8B
+(`--pretrained_model_name_or_path DIR`); nothing in the distillation code knows it is a toy.
+
+    python -m toyworld.teacher --output_dir outputs/toy_teacher [--preset full|quick|smoke]
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +36,21 @@ import torch.nn.functional as F
 
 from model.conventions import flux_mu, shift_times
 from model.latents import image_ids, pack_latents
-from model.text import PromptEmbeds, encode_prompts
+from model.text import PromptEmbeds
 from model.tiny_flux import TinyFluxSize, build_components
 from model.transformer import flux_velocity
 
 from .world import training_example
 
 NEGATIVE_PROMPT = " "
+BUILD_DIR = "build"
+SUMMARY = "toy_teacher.json"
 
 
 @dataclass
 class ToyTeacherConfig:
     resolution: int = 64
-    num_images: int = 20000
+    num_images: int = 40000
     seed: int = 0
     max_sequence_length: int = 12  # the longest caption is 11 T5 tokens with </s>
     # architecture (FLUX layout at a small size)
@@ -56,33 +67,47 @@ class ToyTeacherConfig:
     vae_crop: int = 32  # the VAE is convolutional: it trains on random crops, 4x cheaper at 64 px
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    flow_steps: int = 8000
-    guidance_steps: int = 800
+    flow_steps: int = 16000
+    guidance_steps: int = 1000
     batch: int = 64
     lr: float = 1e-3
     caption_dropout: float = 0.1
-    ema_decay: float = 0.999  # the saved transformer is the EMA of its training weights (0 disables)
+    ema_decay: float = 0.999  # the saved transformer (and encoders) are the EMA of their training weights
     guidance_range: tuple = (1.0, 6.0)
+    train_text_encoders: bool = True  # in the flow stage; frozen afterwards
+    checkpoint_every: int = 500  # steps between resumable checkpoints of a running stage
 
     def dims(self) -> TinyFluxSize:
         return TinyFluxSize(self.num_layers, self.num_single_layers, self.num_attention_heads,
                             self.attention_head_dim, tuple(self.axes_dims_rope), self.text_dim,
                             tuple(self.vae_channels))
 
+    def identity(self) -> dict:
+        """The settings that define the result (checkpoint_every does not), for refusing a mixed-up resume."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if k != "checkpoint_every"}
+
 
 def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] [N, 3, R, R] and their captions."""
-    images, captions = [], []
+    images = np.empty((config.num_images, 3, config.resolution, config.resolution), dtype=np.float32)
+    captions = []
     for i in range(config.num_images):
         metadata, image = training_example(i, config.seed, config.resolution)
-        images.append(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1))
+        images[i] = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         captions.append(metadata["prompt"])
-    return torch.stack(images) / 127.5 - 1.0, captions
+    return torch.from_numpy(images), captions
 
 
 def _log(log, msg: str) -> None:
     if log:
         log(msg)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -119,17 +144,30 @@ def train_vae(vae, images: torch.Tensor, config: ToyTeacherConfig, generator: to
     return (means - shift) / std
 
 
-@torch.no_grad()
-def encode_captions(components: dict, captions: list[str], max_sequence_length: int) -> dict[str, PromptEmbeds]:
-    unique = sorted(set(captions) | {NEGATIVE_PROMPT})
-    out = {}
-    for i in range(0, len(unique), 256):
-        chunk = unique[i:i + 256]
-        emb = encode_prompts(chunk, components["tokenizer"], components["text_encoder"], components["tokenizer_2"],
-                             components["text_encoder_2"], max_sequence_length, "cpu")
-        for j, caption in enumerate(chunk):
-            out[caption] = emb.index(slice(j, j + 1))
-    return out
+class CaptionEncoder:
+    """FLUX's prompt encoding (CLIP pooled at 77 tokens + T5 sequence) over a fixed caption vocabulary, with
+    gradients when the encoders train; captions are tokenised once."""
+
+    def __init__(self, components: dict, captions: list[str], max_sequence_length: int):
+        self.text_encoder, self.text_encoder_2 = components["text_encoder"], components["text_encoder_2"]
+        self.unique = sorted(set(captions) | {NEGATIVE_PROMPT})
+        self.index = {caption: i for i, caption in enumerate(self.unique)}
+        tokenizer, tokenizer_2 = components["tokenizer"], components["tokenizer_2"]
+        self.clip_ids = tokenizer(self.unique, padding="max_length", max_length=tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        self.t5_ids = tokenizer_2(self.unique, padding="max_length", max_length=max_sequence_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        self.text_ids = torch.zeros(max_sequence_length, 3)
+
+    def encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def __call__(self, captions: list[str]) -> PromptEmbeds:
+        rows = torch.tensor([self.index[c] for c in captions])
+        needed, inverse = torch.unique(rows, return_inverse=True)
+        pooled = self.text_encoder(self.clip_ids[needed]).pooler_output
+        sequence = self.text_encoder_2(self.t5_ids[needed])[0]
+        return PromptEmbeds(sequence[inverse], pooled[inverse], self.text_ids)
 
 
 def _draw(x0, config: ToyTeacherConfig, generator):
@@ -141,64 +179,132 @@ def _draw(x0, config: ToyTeacherConfig, generator):
     return tau, eps, g
 
 
-def train_transformer(transformer, latents: torch.Tensor, captions: list[str], text: dict[str, PromptEmbeds],
-                      config: ToyTeacherConfig, generator: torch.Generator, log=print, snapshot=None,
-                      snapshot_every: int = 1000) -> dict:
-    """Stage 1 (conditional flow matching with caption dropout), then stage 2 (guidance distillation).
+class StageRunner:
+    """One training stage with EMA, resumable from `<build>/<stage>.pt` (written every `checkpoint_every` steps)."""
 
-    `snapshot(stage, step, state_dict)`, if given, receives the EMA weights every `snapshot_every` steps
-    (to follow quality during a long build).
-    """
-    h, w = latents.shape[-2:]
-    x_all = pack_latents(latents)
-    ids = image_ids(h, w)
-    neg = text[NEGATIVE_PROMPT]
-    history = {}
+    def __init__(self, build: Path, config: ToyTeacherConfig, generator: torch.Generator, num_examples: int,
+                 snapshot_modules: list[torch.nn.Module], log, snapshot, snapshot_every: int,
+                 stop_after: int | None):
+        self.build, self.config, self.generator, self.log = build, config, generator, log
+        self.num_examples, self.snapshot_modules = num_examples, snapshot_modules
+        self.snapshot, self.snapshot_every, self.stop_after = snapshot, snapshot_every, stop_after
+        self.steps_run = 0  # training steps taken by this invocation (all stages)
 
-    def batch_cond(idx, drop):
-        return PromptEmbeds.cat([neg if d else text[captions[i]] for i, d in zip(idx.tolist(), drop.tolist())])
-
-    def run(stage, steps, loss_fn):
-        optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
+    def run(self, stage: str, steps: int, modules: list[torch.nn.Module], loss_fn) -> tuple[list[float], bool]:
+        """Train the parameters of `modules` for `steps` steps of `loss_fn(idx)`; returns (losses, finished)."""
+        config = self.config
+        params = [p for module in modules for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-        losses = []
-        names, params = zip(*[(n, p) for n, p in transformer.named_parameters() if p.requires_grad])
         ema = [p.detach().clone() for p in params]
+        losses: list[float] = []
+        start_step = 0
+        path = self.build / f"{stage}.pt"
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for p, v in zip(params, state["params"]):
+                    p.copy_(v)
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            ema = list(state["ema"])
+            losses = list(state["losses"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start_step = state["step"]
+            _log(self.log, f"{stage}: resuming at step {start_step} of {steps}")
+
+        def save(step: int) -> None:
+            _atomic_save({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                          "schedule": schedule.state_dict(), "ema": ema, "losses": losses, "step": step,
+                          "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, path)
+
         start = time.perf_counter()
-        for step in range(steps):
-            idx = torch.randint(0, len(x_all), (config.batch,), generator=generator)
+        for step in range(start_step, steps):
+            idx = torch.randint(0, self.num_examples, (config.batch,), generator=self.generator)
             loss = loss_fn(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             with torch.no_grad():  # EMA with the usual warm-up: decay min(d, (1 + step) / (10 + step))
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
-            if snapshot and (step + 1) % snapshot_every == 0:
-                state = {**transformer.state_dict(), **dict(zip(names, ema))}
-                snapshot(stage, step + 1, {k: v.detach().clone().contiguous() for k, v in state.items()})
-            if step % 250 == 0 or step == steps - 1:
-                _log(log, f"{stage} step {step}: loss {np.mean(losses[-250:]):.4f} "
-                          f"({time.perf_counter() - start:.0f} s)")
+            done = step + 1
+            if self.snapshot and done % self.snapshot_every == 0:
+                self.snapshot(stage, done, self.ema_state_dicts(params, ema))
+            if step % 250 == 0 or done == steps:
+                _log(self.log, f"{stage} step {step}: loss {np.mean(losses[-250:]):.4f} "
+                               f"({time.perf_counter() - start:.0f} s)")
+            if done % config.checkpoint_every == 0 or done == steps:
+                save(done)
+            self.steps_run += 1
+            if self.stop_after is not None and self.steps_run >= self.stop_after and done < steps:
+                save(done)
+                _log(self.log, f"{stage}: stopped at step {done} (rerun to continue)")
+                return losses, False
         if config.ema_decay and steps:
             with torch.no_grad():
                 for p, e in zip(params, ema):
                     p.copy_(e)
-        history[stage] = losses
+        return losses, True
+
+    def ema_state_dicts(self, params, ema) -> list[dict[str, torch.Tensor]]:
+        """The state dicts of the snapshot modules, with every trained parameter replaced by its EMA."""
+        average = {id(p): e for p, e in zip(params, ema)}
+        out = []
+        for module in self.snapshot_modules:
+            state = {name: average.get(id(v), v) for name, v in module.state_dict(keep_vars=True).items()}
+            out.append({k: v.detach().clone().contiguous() for k, v in state.items()})
+        return out
+
+
+def train_transformer(components: dict, latents: torch.Tensor, captions: list[str], config: ToyTeacherConfig,
+                      generator: torch.Generator, build: Path, log=print, snapshot=None, snapshot_every: int = 1000,
+                      stop_after: int | None = None) -> dict | None:
+    """Stage 2 (flow matching, encoders trained with the transformer) and stage 3 (guidance distillation).
+
+    `snapshot(stage, step, [transformer, text_encoder, text_encoder_2 state dicts])`, if given, receives the
+    EMA weights every `snapshot_every` steps (to follow quality during a long build). Returns the final
+    losses, or None when `stop_after` (training steps of this call) stopped the build early.
+    """
+    transformer = components["transformer"]
+    h, w = latents.shape[-2:]
+    x_all = pack_latents(latents)
+    ids = image_ids(h, w)
+    text = CaptionEncoder(components, captions, config.max_sequence_length)
+    runner = StageRunner(build, config, generator, len(x_all), [transformer, *text.encoders()], log, snapshot,
+                         snapshot_every, stop_after)
+    history = {}
+
+    def batch_captions(idx, drop):
+        return [NEGATIVE_PROMPT if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
 
     def flow_loss(idx):
         x0 = x_all[idx]
         tau, eps, g = _draw(x0, config, generator)
         drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
         x = (1 - tau[:, None, None]) * x0 + tau[:, None, None] * eps
-        return F.mse_loss(flux_velocity(transformer, x, tau, g, batch_cond(idx, drop), ids), eps - x0)
+        with torch.set_grad_enabled(config.train_text_encoders):
+            cond = text(batch_captions(idx, drop))
+        return F.mse_loss(flux_velocity(transformer, x, tau, g, cond, ids), eps - x0)
 
+    modules = [transformer]
+    for encoder in text.encoders():
+        # eval(): no dropout (T5's default 0.1), so the build is deterministic; still trained by gradient
+        encoder.eval().requires_grad_(config.train_text_encoders)
+        if config.train_text_encoders:
+            modules.append(encoder)
     transformer.train()
-    run("flow", config.flow_steps, flow_loss)
+    losses, finished = runner.run("flow", config.flow_steps, modules, flow_loss)
+    history["flow"] = losses
+    if not finished:
+        return None
+    for encoder in text.encoders():
+        encoder.requires_grad_(False)
     if config.guidance_steps:
         frozen = copy.deepcopy(transformer).eval().requires_grad_(False)
 
@@ -206,37 +312,130 @@ def train_transformer(transformer, latents: torch.Tensor, captions: list[str], t
             x0 = x_all[idx]
             tau, eps, g = _draw(x0, config, generator)
             x = (1 - tau[:, None, None]) * x0 + tau[:, None, None] * eps
-            cond = batch_cond(idx, torch.zeros(len(idx), dtype=torch.bool))
-            uncond = batch_cond(idx, torch.ones(len(idx), dtype=torch.bool))
             with torch.no_grad():
+                cond = text(batch_captions(idx, torch.zeros(len(idx), dtype=torch.bool)))
+                uncond = text(batch_captions(idx, torch.ones(len(idx), dtype=torch.bool)))
                 v_c = flux_velocity(frozen, x, tau, g, cond, ids)
                 v_u = flux_velocity(frozen, x, tau, g, uncond, ids)
             return F.mse_loss(flux_velocity(transformer, x, tau, g, cond, ids), v_u + g[:, None, None] * (v_c - v_u))
 
-        run("guidance", config.guidance_steps, guidance_loss)
+        losses, finished = runner.run("guidance", config.guidance_steps, [transformer], guidance_loss)
+        history["guidance"] = losses
+        if not finished:
+            return None
     transformer.eval().requires_grad_(False)
     return {stage: float(np.mean(v[-100:])) for stage, v in history.items()}
 
 
+def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
+    from common.cli import UsageError
+
+    path = build / "config.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in config.identity().items() if previous.get(k) != v}
+        if changed:
+            raise UsageError(f"{build} holds a build with other settings {changed} (old, new); use another "
+                             "--output_dir or delete it")
+    else:
+        build.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config.identity(), indent=1))
+
+
 def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = None, log=print,
-                      snapshot=None, snapshot_every: int = 1000) -> Path:
-    """Render the world, train the VAE and the transformer, and save the FLUX pipeline folder."""
-    from diffusers import FluxPipeline
+                      snapshot=None, snapshot_every: int = 1000, stop_after: int | None = None) -> Path | None:
+    """Render the world, train the VAE, the transformer and the encoders, and save the FLUX pipeline folder.
+
+    Resumable: progress lives in `<output_dir>/build/`. `stop_after` stops (resumably) after that many
+    training steps of this call, over all stages; the return value is then None.
+    """
+    from diffusers import AutoencoderKL, FluxPipeline
 
     config = config or ToyTeacherConfig()
     output_dir = Path(output_dir)
+    build = output_dir / BUILD_DIR
+    _check_build_config(build, config)
+    start = time.perf_counter()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
     components = build_components(config.dims(), config.seed)
     images, captions = render_training_set(config)
     _log(log, f"rendered {len(images)} training images ({time.perf_counter() - start:.0f} s)")
-    latents = train_vae(components["vae"], images, config, generator, log)
-    text = encode_captions(components, captions, config.max_sequence_length)
-    final_losses = train_transformer(components["transformer"], latents, captions, text, config, generator, log,
-                                     snapshot, snapshot_every)
+    if (build / "latents.pt").exists():
+        components["vae"] = AutoencoderKL.from_pretrained(build / "vae").eval().requires_grad_(False)
+        saved = torch.load(build / "latents.pt", map_location="cpu", weights_only=True)
+        latents = saved["latents"]
+        generator.set_state(saved["generator"])
+        _log(log, "reusing the trained VAE")
+    else:
+        latents = train_vae(components["vae"], images, config, generator, log)
+        components["vae"].save_pretrained(build / "vae", safe_serialization=True)
+        _atomic_save({"latents": latents, "generator": generator.get_state()}, build / "latents.pt")
+    del images
+    final_losses = train_transformer(components, latents, captions, config, generator, build, log, snapshot,
+                                     snapshot_every, stop_after)
+    if final_losses is None:
+        return None
     FluxPipeline(**components).save_pretrained(output_dir, safe_serialization=True)
-    summary = {"config": asdict(config), "final_losses": final_losses, "seconds": time.perf_counter() - start}
-    (output_dir / "toy_teacher.json").write_text(json.dumps(summary, indent=1))
-    _log(log, f"toy teacher saved to {output_dir} ({summary['seconds']:.0f} s)")
+    summary = {"config": config.identity(), "final_losses": final_losses, "seconds": time.perf_counter() - start}
+    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    _log(log, f"toy teacher saved to {output_dir} ({summary['seconds']:.0f} s of this run)")
     return output_dir
+
+
+PRESETS = {
+    "full": ToyTeacherConfig(),
+    "quick": ToyTeacherConfig(num_images=4000, vae_steps=400, flow_steps=600, guidance_steps=100),
+    "smoke": ToyTeacherConfig(num_images=48, vae_steps=4, flow_steps=4, guidance_steps=2, batch=8, vae_batch=4,
+                              num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                              axes_dims_rope=(4, 6, 6), text_dim=32, vae_channels=(8, 8, 16, 16)),
+}
+
+
+def main(argv=None) -> None:
+    from common.cli import ArgumentParser, positive_int
+
+    parser = ArgumentParser(description="Build (or continue building) the toy teacher.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--flow_steps", type=positive_int, default=None)
+    parser.add_argument("--guidance_steps", type=int, default=None)
+    parser.add_argument("--stop_after", type=positive_int, default=None,
+                        help="stop (resumably) after this many training steps of this run")
+    parser.add_argument("--snapshot_every", type=positive_int, default=None,
+                        help="also save the EMA pipeline every N steps under <output_dir>/build/snapshots/")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(ToyTeacherConfig)
+                 if getattr(args, f.name, None) is not None}
+    config = ToyTeacherConfig(**{**asdict(PRESETS[args.preset]), **overrides})
+    snapshot = None
+    if args.snapshot_every:
+        snapshot = SnapshotWriter(Path(args.output_dir), config)
+    build_toy_teacher(args.output_dir, config, snapshot=snapshot, snapshot_every=args.snapshot_every or 1000,
+                      stop_after=args.stop_after,
+                      log=lambda msg: print(f"[toy-teacher {time.strftime('%H:%M:%S')}] {msg}", flush=True))
+
+
+class SnapshotWriter:
+    """Writes each EMA snapshot as a loadable pipeline folder (the build's VAE, the snapshot's weights)."""
+
+    def __init__(self, output_dir: Path, config: ToyTeacherConfig):
+        self.output_dir, self.config = output_dir, config
+
+    def __call__(self, stage: str, step: int, states: list[dict]) -> None:
+        from diffusers import AutoencoderKL, FluxPipeline
+
+        components = build_components(self.config.dims(), self.config.seed)
+        components["vae"] = AutoencoderKL.from_pretrained(self.output_dir / BUILD_DIR / "vae")
+        names = ["transformer", "text_encoder", "text_encoder_2"]
+        for name, state in zip(names, states):
+            components[name].load_state_dict(state)
+        FluxPipeline(**components).save_pretrained(self.output_dir / BUILD_DIR / "snapshots" / f"{stage}_{step}",
+                                                   safe_serialization=True)
+
+
+if __name__ == "__main__":
+    from common.cli import run
+
+    run(main)

@@ -44,7 +44,9 @@ from PIL import Image, ImageDraw
 
 from data.synthetic import FORMATS, png_bytes, write_records
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+CROSS_ARM = 0.4  # width of a cross's arms, as a fraction of its side
+RING_HOLE = 0.5  # diameter of a ring's hole, as a fraction of its side
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 25, 25),
     "yellow": (245, 205, 0),
@@ -212,6 +214,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: PlacedObject, scale: int) -> Non
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif obj.shape == "triangle":
         draw.polygon([(cx, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    elif obj.shape == "cross":
+        half_arm = CROSS_ARM * (x1 - x0) / 2
+        cy = obj.cy * scale
+        draw.rectangle((cx - half_arm, y0, cx + half_arm - 1, y1 - 1), fill=fill)
+        draw.rectangle((x0, cy - half_arm, x1 - 1, cy + half_arm - 1), fill=fill)
+    elif obj.shape == "ring":
+        inset = (1 - RING_HOLE) * (x1 - x0) / 2
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        draw.ellipse((x0 + inset, y0 + inset, x1 - inset - 1, y1 - inset - 1), fill=BACKGROUND)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}; choose one of {', '.join(SHAPES)}")
 
