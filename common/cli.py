@@ -107,6 +107,17 @@ def finite_float(text: str) -> float:
     return _number(float, text)
 
 
+def str2bool(value: str | bool) -> bool:
+    """argparse type for the reference's `--flag True/False` booleans."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
 def probability(text: str) -> float:
     """A number in [0, 1]."""
     value = _number(float, text)

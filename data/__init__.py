@@ -1,6 +1,7 @@
 """Data loading for FLUX few-step distillation: text-image datasets and a synthetic generator."""
 
 from .dataset import (
+    PromptDataset,
     TextImageDataset,
     add_dataset_args,
     build_dataloader,
@@ -12,6 +13,7 @@ from .dataset import (
 )
 
 __all__ = [
+    "PromptDataset",
     "TextImageDataset",
     "add_dataset_args",
     "build_dataloader",

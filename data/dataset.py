@@ -213,13 +213,50 @@ class TextImageDataset(torch.utils.data.Dataset):
                            f"check --image_column {self.image_column!r} and the image files.")
 
 
+class PromptDataset(torch.utils.data.Dataset):
+    """Prompts only, for data-free distillation: the lines of a text file, or the caption column of any dataset
+    the data flags accept (read without decoding a single image)."""
+
+    def __init__(self, prompts: Sequence[str], source: str = "prompts"):
+        self.prompts = [p for p in (normalize_caption(p).strip() for p in prompts) if p]
+        if not self.prompts:
+            raise UsageError(f"{source} holds no prompt (every line or caption is empty); pass a file with one prompt "
+                             "per line or a dataset whose --caption_column has text")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PromptDataset":
+        """From --prompts_file, else from the --caption_column of --dataset_name / --data_files."""
+        limit = getattr(args, "max_train_samples", None)
+        prompts_file = getattr(args, "prompts_file", None)
+        if prompts_file:
+            path = Path(prompts_file).expanduser()
+            if not path.is_file():
+                raise MissingPathError(f"--prompts_file {prompts_file} does not exist; pass a text file with one "
+                                       "prompt per line")
+            return cls(path.read_text().splitlines()[:limit], f"--prompts_file {prompts_file}")
+        dataset = load_text_image_dataset(args.dataset_name, args.dataset_config_name, args.data_files,
+                                          args.dataset_split, args.cache_dir)
+        _check_column(dataset, args.caption_column, "--caption_column")
+        captions = dataset.select_columns([args.caption_column])[args.caption_column]
+        return cls(captions[:limit], f"the {args.caption_column!r} column of the dataset")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"caption": self.prompts[index], "num_skipped": 0}
+
+
 def collate_text_image(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items into {"pixel_values": [B, 3, R, R], "captions": list[str], "num_skipped": int}."""
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+    """Stack items into {"pixel_values": [B, 3, R, R], "captions": list[str], "num_skipped": int}
+    (no "pixel_values" for prompt-only items)."""
+    out = {
         "captions": [item["caption"] for item in batch],
         "num_skipped": sum(item["num_skipped"] for item in batch),
     }
+    if "pixel_values" in batch[0]:
+        out["pixel_values"] = torch.stack([item["pixel_values"] for item in batch])
+    return out
 
 
 def build_dataloader(

@@ -1,4 +1,4 @@
-"""FLUX pipelines for the teacher (flow-match Euler), sCM students and MeanFlow students.
+"""FLUX pipelines for the teacher (flow-match Euler), sCM, MeanFlow and SiD students.
 
 Each is a diffusers FluxPipeline whose denoising loop is replaced by one of the samplers in
 `model.samplers`; prompt encoding, latent noise, packing and VAE decoding are shared. Noise may come from one
@@ -12,9 +12,10 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
-from .conventions import SIGMA_DATA, flux_times, scm_angles, trigflow_from_flow_velocity, trigflow_to_flow_input
+from .conventions import (SIGMA_DATA, flux_mu, flux_times, scm_angles, trigflow_from_flow_velocity,
+                          trigflow_to_flow_input)
 from .latents import decode_latents, image_ids, latent_size, pack_latents, unpack_latents
-from .samplers import sample_euler, sample_meanflow, sample_scm
+from .samplers import sample_euler, sample_meanflow, sample_scm, sample_sid, sid_times
 from .text import PromptEmbeds, encode_prompts
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -156,3 +157,38 @@ class FluxMeanFlowPipeline(FewStepFluxPipeline):
             return self.predict(z, t, guidance, model_kwargs, timestep2=delta)
 
         return sample_meanflow(average_velocity, noise, times)
+
+
+class FluxSiDPipeline(FewStepFluxPipeline):
+    """SiD generator sampler: x0 = x_t - t G(x_t, t), re-noised to the next step time (METHODS 7.2).
+
+    N steps run the first N times of the generator's K-step schedule t_i = t_init (1 - i / K) (`train_steps` =
+    K; every prefix of it was trained by the uniform mixture), or of an N-step schedule when K is unknown.
+    `noise_type` fresh | fixed | ddim, `init_time` and `time_shift` as in training. diffusers'
+    FlowMatchLCMScheduler steps the same way for fresh noise only, with one generator for the batch, so the
+    recursion is model.samplers.sample_sid (per-image CPU generators, all three noise types).
+    """
+
+    default_num_inference_steps = 4
+    noise_type: str = "fresh"
+    init_time: float = 1.0
+    time_shift: bool = False
+    train_steps: int | None = None
+
+    def configure_generator(self, noise_type: str | None = None, init_time: float | None = None,
+                            time_shift: bool | None = None, train_steps: int | None = None) -> "FluxSiDPipeline":
+        """Set the generator's sampling settings (those it was trained with; None keeps the current one)."""
+        for name, value in (("noise_type", noise_type), ("init_time", init_time), ("time_shift", time_shift),
+                            ("train_steps", train_steps)):
+            if value is not None:
+                setattr(self, name, value)
+        return self
+
+    def denoise(self, noise, model_kwargs, num_inference_steps, guidance, fresh_noise):
+        mu = flux_mu(noise.shape[1]) if self.time_shift else None
+        times = sid_times(num_inference_steps, self.train_steps, self.init_time, mu).to(noise.device)
+
+        def x0_of(x, t, i):
+            return x - t * self.predict(x, t, guidance, model_kwargs)
+
+        return sample_sid(x0_of, noise, times, self.noise_type, fresh_noise)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Sample the GenEval prompts with a distilled student on every GPU of this node (used by geneval_sCM.sh and
-# geneval_meanflow.sh).
+# Sample the GenEval prompts with a distilled student on every GPU of this node (used by geneval_sCM.sh,
+# geneval_meanflow.sh and geneval_sid.sh).
 #   bash script/geneval_student.sh SCRIPT CKPT_PATH CKPT_ITER [NFE...]      (default NFE: 1 2 4)
 # reads CKPT_PATH/ckpts/transformer_{CKPT_ITER}.pt, writes CKPT_PATH/GenEval/GenEval_RESOLUTION{R}_NFE{n}_cfg{g}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SCRIPT=${1:?SCRIPT required (test_sCM.py or test_meanflow.py)}
+SCRIPT=${1:?SCRIPT required (test_sCM.py, test_meanflow.py or test_sid.py)}
 CKPT_PATH=${2:?CKPT_PATH required}
 CKPT_ITER=${3:?CKPT_ITER required}
 shift 3

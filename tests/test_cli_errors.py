@@ -24,6 +24,7 @@ def files(tiny_flux, tmp_path_factory):
     (tmp / "notes.pt").write_text("these are notes, not weights\n")
     (tmp / "empty.jsonl").write_text("\n")
     (tmp / "empty_prompts.txt").write_text("\n\n")
+    (tmp / "prompts.txt").write_text("a photo of a red circle\na photo of two squares\n")
     (tmp / "not_geneval").mkdir()
     (tmp / "not_geneval" / "image.png").write_bytes(b"")
     two_process = tmp / "run2" / "checkpoint-2"  # what a 2-process run leaves (the check reads only this file)
@@ -37,6 +38,15 @@ def train_args(f, **overrides):
             "--dataset_name": f["data"], "--resolution": "32", "--train_batch_size": "2",
             "--max_sequence_length": "16", "--report_to": "none", "--max_train_steps": "1",
             "--output_dir": str(f["tmp"] / "out"), **overrides}
+    return [x for k, v in args.items() if v is not False for x in ([k] if v is None else [k, v])]
+
+
+def sid_args(f, overrides=None):
+    """train_sid.py flags, data-free from a prompts file; `overrides` maps a flag to its value, None (a switch) or
+    False (dropped)."""
+    args = {"--pretrained_model_name_or_path": f["flux"], "--prompts_file": str(f["tmp"] / "prompts.txt"),
+            "--resolution": "32", "--train_batch_size": "2", "--max_sequence_length": "16", "--report_to": "none",
+            "--max_train_steps": "1", "--output_dir": str(f["tmp"] / "sid"), **(overrides or {})}
     return [x for k, v in args.items() if v is not False for x in ([k] if v is None else [k, v])]
 
 
@@ -105,6 +115,14 @@ def more_cases(f):
         ("test_meanflow", sample_args(f, **{"--resume_path": str(tmp / "x.pt")}), "does not exist"),
         ("test_sCM", sample_args(f, **{"--resume_path": str(tmp / "x.pt"), "--num_inference_steps": "-1"}),
          "--num_inference_steps"),
+        ("train_sid", sid_args(f, {"--gan": None}), "drop --prompts_file"),
+        ("train_sid", sid_args(f, {"--gan": None, "--prompts_file": False}), "--gan needs real"),
+        ("train_sid", sid_args(f, {"--num_generator_steps": "0"}), "--num_generator_steps"),
+        ("train_sid", sid_args(f, {"--guidance_strategy": "more_cfg"}), "--guidance_strategy"),
+        ("train_sid", sid_args(f, {"--prompts_file": str(tmp / "empty_prompts.txt")}), "holds no prompt"),
+        ("train_sid", sid_args(f, {"--kappa2": "2", "--kappa3": "1"}), "kappa2"),
+        ("test_sid", sample_args(f, **{"--resume_path": str(tmp / "notes.pt"), "--noise_type": "blue"}),
+         "--noise_type"),
         ("script/make_tiny_flux.py", ["--output_dir", str(tmp / "t"), "--size", "huge"], "--size"),
         ("toyworld.world", ["dataset", "--output_dir", str(tmp / "w"), "--num_images", "0"], "--num_images"),
         ("toyworld.world", ["eval", "--output", str(tmp / "e.jsonl"), "--per_tag", "0"], "--per_tag"),

@@ -65,3 +65,46 @@ def test_two_processes_train_and_resume_exactly(tiny_flux, dataset, tmp_path, sc
     assert any(not torch.equal(a[k].float(), start[k].float()) for k in start)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sid_two_processes_ddp_and_zero2_resume_exactly_and_agree(tiny_flux, tmp_path):
+    """Two trained networks (generator and fake score, one engine each) under DDP and DeepSpeed ZeRO-2: a run
+    resumed from its step-1 checkpoint equals the straight run bitwise; every rank draws the same k; and fp32
+    ZeRO-2 agrees with DDP (same math, other reduction order)."""
+    import shutil
+
+    from toyworld.world import eval_metadata
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(m["prompt"] for m in eval_metadata(3, 0)) + "\n")  # 18 prompts
+    common = ["--pretrained_model_name_or_path", str(tiny_flux), "--prompts_file", str(prompts), "--resolution", "32",
+              "--train_batch_size", "2", "--max_sequence_length", "16", "--dataloader_num_workers", "0",
+              "--report_to", "none", "--learning_rate", "1e-3", "--checkpointing_steps", "1", "--seed", "3",
+              "--num_generator_steps", "3", "--max_train_steps", "2", "--fake_max_grad_norm", "0.5"]
+    base = json.loads((ROOT / "parallel_config" / "deepspeed_bf16_batch4.json").read_text())
+    configs = {}
+    for name, bf16 in (("bf16", True), ("fp32", False)):
+        config = {**base, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": bf16}}
+        configs[name] = tmp_path / f"ds_{name}.json"
+        configs[name].write_text(json.dumps(config))
+    engines = {"ddp": [], "zero2": ["--ds_file", str(configs["bf16"])]}
+    for port, (engine, flags) in zip((29660, 29670), engines.items()):
+        straight, resumed = tmp_path / engine, tmp_path / f"{engine}_resumed"
+        torchrun("train_sid.py", common + flags + ["--output_dir", str(straight)], port)
+        shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+        log = torchrun("train_sid.py", common + flags + ["--output_dir", str(resumed), "--resume_from_checkpoint",
+                                                          "latest"], port + 1)
+        assert "resumed from" in log.stderr
+        a, b = exported(straight), exported(resumed)
+        assert all(torch.equal(a[k], b[k]) for k in a), engine
+        ranks = [torch.load(straight / "checkpoint-2" / f"rank_state_{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0]["method"]["k_history"] == ranks[1]["method"]["k_history"] != []
+        summary = json.loads((straight / "training_summary.json").read_text())
+        assert summary["effective_max_grad_norm"] == {"fake_score": 0.5, "generator": 1.0}, engine
+    torchrun("train_sid.py", common + ["--ds_file", str(configs["fp32"]), "--output_dir", str(tmp_path / "zero2_fp32"),
+                                       "--checkpointing_steps", "0"], 29680)
+    start = load_file(tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors")
+    ddp, zero2 = exported(tmp_path / "ddp"), exported(tmp_path / "zero2_fp32")
+    moved = sum((ddp[k].double() - start[k].double()).norm() ** 2 for k in start) ** 0.5
+    apart = sum((ddp[k].double() - zero2[k].double()).norm() ** 2 for k in start) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved, (apart, moved)

@@ -74,3 +74,17 @@ def test_rescale_and_geneval_scripts(fake_torchrun):
         assert out["args"]["num_inference_steps"] == [1, 2]
     a = run_script(fake_torchrun, "script/geneval_flux8b.sh", "/out", "28", "3.5", "512")
     assert a["args"]["num_inference_steps"] == 28 and a["args"]["output_dir"] == "/out"
+
+
+def test_train_sid_and_geneval_sid_scripts(fake_torchrun):
+    out = run_script(fake_torchrun, "script/train_sid.sh", "1e-6", "512", "8", "zero_cfg", "/runs/sid")
+    a = out["args"]
+    assert out["script"] == "train_sid.py"
+    assert (a["learning_rate"], a["resolution"], a["train_batch_size"], a["guidance_strategy"]) == (1e-6, 512, 8,
+                                                                                                    "zero_cfg")
+    assert a["output_dir"] == "/runs/sid/resolution512_bs8_lr1e-6_zero_cfg" and not a["rescaled_checkpoint_path"]
+    assert a["num_generator_steps"] == 4 and a["fake_learning_rate"] == 1e-6 and a["gan"] is False
+    assert a["ds_file"] == "parallel_config/deepspeed_bf16_batch8.json" and a["resume_from_checkpoint"] == "latest"
+    out = run_script(fake_torchrun, "script/geneval_sid.sh", "/runs/sid", "5000", "1", "4")
+    assert out["script"] == "test_sid.py" and out["args"]["num_inference_steps"] == [1, 4]
+    assert out["args"]["resume_path"] == "/runs/sid/ckpts/transformer_5000.pt"

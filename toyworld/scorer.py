@@ -23,7 +23,6 @@ CLI: python -m toyworld.scorer RUN_DIR [--out scores.json] [--per_image results.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path

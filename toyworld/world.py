@@ -32,7 +32,6 @@ CLI:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli import (ArgumentParser, decay, nonnegative_float, nonnegative_int, positive_float,
-                        positive_int, resolution)
+from common.cli import (ArgumentParser, decay, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                        resolution, str2bool)
 from data import add_dataset_args
 
+__all__ = ["LR_SCHEDULERS", "str2bool", "training_parser"]
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
-
-
-def str2bool(value: str | bool) -> bool:
-    """argparse type for the reference's `--flag True/False` booleans."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
 
 
 def training_parser(description: str) -> argparse.ArgumentParser:

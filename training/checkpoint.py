@@ -137,9 +137,35 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
     return trainer_state, rank_state
 
 
-def export_transformer(transformer, folder: Path, pt_path: Path | None = None) -> None:
-    """Save an inference copy: a diffusers folder (safetensors) and optionally the reference's .pt format."""
+EXPORT_METADATA = "sampling.json"
+
+
+def export_transformer(transformer, folder: Path, pt_path: Path | None = None, metadata: dict | None = None) -> None:
+    """Save an inference copy: a diffusers folder (safetensors) and optionally the reference's .pt format.
+
+    `metadata` (sampling settings such as SiD's generator schedule) goes to `<folder>/sampling.json` and under
+    the .pt's "sampling" key (plain numbers and strings, so weights_only loading reads it).
+    """
     transformer.save_pretrained(folder, safe_serialization=True)
+    if metadata:
+        atomic_write_text(Path(folder) / EXPORT_METADATA, json.dumps(metadata, indent=1))
     if pt_path is not None:
         state_dict = {k: v.detach().cpu().clone() for k, v in transformer.state_dict().items()}
-        atomic_torch_save({"module": state_dict}, pt_path)
+        atomic_torch_save({"module": state_dict, **({"sampling": metadata} if metadata else {})}, pt_path)
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict:
+    """The sampling settings saved with an export (a transformer folder, its parent, or a .pt); {} if none."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / EXPORT_METADATA, path / "transformer" / EXPORT_METADATA):
+            if candidate.is_file():
+                return json.loads(candidate.read_text())
+        return {}
+    if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads only what is used
+        except Exception:  # read_state_dict reports unreadable files
+            return {}
+        return obj.get("sampling", {}) if isinstance(obj, dict) else {}
+    return {}

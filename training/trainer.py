@@ -1,9 +1,10 @@
-"""The training skeleton every distillation method reuses (sCM, MeanFlow, teacher rescaling, ...).
+"""The training skeleton every distillation method reuses (sCM, MeanFlow, teacher rescaling, SiD, ...).
 
-A method supplies its models and its loss (`DistillationMethod`); the skeleton does the rest: accelerate with
-DeepSpeed ZeRO-2 or DDP (gloo without CUDA), per-rank random streams, data, text and VAE encoding, the
-optimizer and LR schedule, clipping, EMA, non-finite-step guards, logging, validation images, atomic
-checkpoints with exact resume, and inference exports.
+A method declares its trained networks and the phases of one iteration (`training.method`); the skeleton does the
+rest: accelerate with DeepSpeed ZeRO-2 (one engine per trained network) or DDP (gloo without CUDA), per-rank
+random streams, data, text and VAE encoding, one optimizer, LR schedule, clipping and optional EMA per network,
+gradient accumulation, non-finite-step guards, logging, validation images, atomic checkpoints with exact resume,
+and inference exports.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,72 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from common.cli import UnwritablePathError, UsageError, check_pretrained_model, hub_error
-from data import TextImageDataset, build_dataloader, load_text_image_dataset
+from data import PromptDataset, TextImageDataset, build_dataloader, load_text_image_dataset
 from model.latents import encode_images, image_ids, pack_latents
 from model.loading import load_transformer
-from model.text import PromptEmbeds, encode_prompts
 
 from .checkpoint import check_resumable, export_transformer, load_checkpoint, resolve_resume, save_checkpoint
+from .method import Batch, Components, DistillationMethod, NetworkSpec
 
 logger = logging.getLogger("training")
-
-
-@dataclass
-class Batch:
-    """One training batch, encoded: packed normalised latents [B, L, 64] (fp32), text conditioning, ids."""
-
-    x0: torch.Tensor
-    cond: PromptEmbeds
-    img_ids: torch.Tensor
-    captions: list[str]
-    latent_size: tuple[int, int]
-
-
-@dataclass
-class Components:
-    """The frozen parts of the FLUX pipeline: tokenizers, text encoders, VAE and scheduler."""
-
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    tokenizer_2: object
-    text_encoder_2: torch.nn.Module
-    vae: torch.nn.Module
-    scheduler: object
-
-    def encode(self, prompts: list[str], max_sequence_length: int, device) -> PromptEmbeds:
-        return encode_prompts(prompts, self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
-                              max_sequence_length, device)
-
-    def pipeline(self, cls, transformer):
-        return cls(scheduler=self.scheduler, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                   text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2, transformer=transformer)
-
-
-class DistillationMethod:
-    """What a method defines. The skeleton calls these; everything else is shared."""
-
-    name = "method"
-    tracker_project = "flux_distill"
-    pipeline_cls = None  # a model.pipeline class used for validation images
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-
-    def build(self, components: Components, dtype: torch.dtype, device) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(student: trainable module the engine wraps, teacher: frozen module or None)."""
-        raise NotImplementedError
-
-    def loss(self, student, teacher, batch: Batch, step: int, generator: torch.Generator, forward=None):
-        """(scalar loss, {name: scalar tensor}) for one batch.
-
-        `student` is the plain module (for no-grad passes such as JVPs); `forward` is the engine-wrapped
-        (DDP/DeepSpeed) module, to be used for the forward whose gradients are trained.
-        """
-        raise NotImplementedError
-
-    def export_transformer(self, student: torch.nn.Module):
-        """The FluxTransformer to export for inference from the (unwrapped) student."""
-        return student
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -114,21 +57,27 @@ def _check_output_dir(output_dir: Path) -> None:
                                   "folder") from err
 
 
-def build_accelerator(args: argparse.Namespace, project: str):
+def build_accelerator(args: argparse.Namespace, project: str, clipping: dict[str, float] | None = None):
+    """The Accelerator; under DeepSpeed one plugin per trained network when their clipping differs
+    (`clipping`: {network: max_grad_norm}, in preparation order)."""
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     from parallel_config import deepspeed_config
 
-    plugin = None
+    plugins = None
     mixed_precision = args.mixed_precision
     if args.ds_file:
-        config = deepspeed_config(args.ds_file, args.train_batch_size, args.max_grad_norm,
-                                  args.gradient_accumulation_steps)
+        clipping = clipping or {"student": args.max_grad_norm}
+        configs = {name: deepspeed_config(args.ds_file, args.train_batch_size, norm, args.gradient_accumulation_steps)
+                   for name, norm in clipping.items()}
         if "RANK" not in os.environ:  # a plain `python train_*.py --ds_file ...`: a one-process group
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
-        plugin = DeepSpeedPlugin(hf_ds_config=config)
+        config = next(iter(configs.values()))
+        plugins = {name: DeepSpeedPlugin(hf_ds_config=c) for name, c in configs.items()}
+        if len(set(clipping.values())) == 1:
+            plugins = next(iter(plugins.values()))  # one config serves every engine
         ds_precision = "bf16" if config.get("bf16", {}).get("enabled") else (
             "fp16" if config.get("fp16", {}).get("enabled") else "no")
         if mixed_precision not in (None, ds_precision):
@@ -138,21 +87,21 @@ def build_accelerator(args: argparse.Namespace, project: str):
     elif mixed_precision is None:
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     kwargs_handlers = []
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or plugin is not None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or plugins is not None:
         # without CUDA the process group must be gloo (NCCL needs GPUs), also under DeepSpeed
         kwargs_handlers.append(InitProcessGroupKwargs(timeout=timedelta(hours=24),
                                                       backend=None if torch.cuda.is_available() else "gloo"))
     report_to = None if args.report_to in (None, "none") else args.report_to
     accelerator = Accelerator(
         # on a machine without CUDA, torchrun processes are plain DDP over gloo only with cpu=True
-        cpu=not torch.cuda.is_available() and plugin is None,
+        cpu=not torch.cuda.is_available() and plugins is None,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir) / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        deepspeed_plugin=plugin,
+        deepspeed_plugins=plugins,
         kwargs_handlers=kwargs_handlers,
     )
     if report_to:
@@ -195,19 +144,21 @@ def load_rescaled(args, dtype, **kwargs):
                             cache_dir=args.cache_dir, **kwargs)
 
 
-def _make_optimizer(args, params):
+def _make_optimizer(args, spec: NetworkSpec, params):
+    lr = spec.learning_rate if spec.learning_rate is not None else args.learning_rate
+    betas = spec.betas or (args.adam_beta1, args.adam_beta2)
+    weight_decay = spec.weight_decay if spec.weight_decay is not None else args.adam_weight_decay
+    eps = spec.epsilon if spec.epsilon is not None else args.adam_epsilon
     if args.optimizer.lower() == "prodigy":
         try:
             import prodigyopt
         except ImportError as err:
             raise UsageError("--optimizer prodigy needs `pip install prodigyopt`") from err
-        return prodigyopt.Prodigy(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay,
-                                  eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+        return prodigyopt.Prodigy(params, lr=lr, betas=betas, beta3=args.prodigy_beta3, weight_decay=weight_decay,
+                                  eps=eps, decouple=args.prodigy_decouple,
                                   use_bias_correction=args.prodigy_use_bias_correction,
                                   safeguard_warmup=args.prodigy_safeguard_warmup)
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
 def _save_grid(rows: list[list], path: Path):
@@ -223,6 +174,42 @@ def _save_grid(rows: list[list], path: Path):
     return grid
 
 
+class TrainedNetwork:
+    """A trained network at run time: the wrapped module, its optimizer, LR schedule and EMA."""
+
+    def __init__(self, name: str, spec: NetworkSpec, accelerator):
+        self.name, self.spec, self.accelerator = name, spec, accelerator
+        self.wrapped = self.optimizer = self.lr_scheduler = self.ema = None
+        self.max_grad_norm = 0.0
+
+    @property
+    def plain(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.wrapped)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.name == "DEEPSPEED"
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.plain.parameters() if p.requires_grad]
+
+
+class Networks:
+    """What a phase's loss sees of the trained networks."""
+
+    def __init__(self, nets: dict[str, TrainedNetwork]):
+        self._nets = nets
+
+    def plain(self, name: str) -> torch.nn.Module:
+        return self._nets[name].plain
+
+    def wrapped(self, name: str) -> torch.nn.Module:
+        return self._nets[name].wrapped
+
+    def names(self) -> list[str]:
+        return list(self._nets)
+
+
 class Trainer:
     def __init__(self, args: argparse.Namespace, method: DistillationMethod):
         self.args = args
@@ -230,16 +217,19 @@ class Trainer:
 
     # ----- setup -----
     def setup(self):
-        args = self.args
+        args, method = self.args, self.method
         # the user's inputs are checked before anything slow (the 8B model load) so that a mistake costs seconds
         check_pretrained_model(args.pretrained_model_name_or_path)
         _check_output_dir(Path(args.output_dir))
         self.resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-        self.accelerator = acc = build_accelerator(args, self.method.tracker_project)
+        self.phases = method.phases()
+        clipping = getattr(method, "network_clipping", lambda: None)()
+        self.accelerator = acc = build_accelerator(args, method.tracker_project, clipping)
         if self.resume_path is not None:
             check_resumable(self.resume_path, acc.num_processes)
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            level=logging.INFO if acc.is_main_process else logging.WARNING)
+        # libraries speak at WARNING (accelerate narrates every file of a checkpoint at INFO); ours at INFO
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+        logger.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.device = acc.device
@@ -247,127 +237,220 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(rank_seed(args.seed, acc.process_index))
         torch.manual_seed(rank_seed(args.seed, acc.process_index))
 
-        dataset = load_text_image_dataset(args.dataset_name, args.dataset_config_name, args.data_files,
-                                          args.dataset_split, args.cache_dir)
-        dataset = TextImageDataset(dataset, args.resolution, args.image_column, args.caption_column,
-                                   args.max_train_samples)
+        dataset = self.build_dataset()
         loader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, shuffle=True,
                                   seed=args.seed)
 
         self.components = load_components(args, self.device, self.weight_dtype)
-        student, teacher = self.method.build(self.components, self.weight_dtype, self.device)
+        specs, teacher = method.build_networks(self.components, self.weight_dtype, self.device)
         if teacher is not None:
             teacher.requires_grad_(False).eval().to(self.device)
-        student.train().to(self.device)
         self.teacher = teacher
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
-        params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(args, params)
-
-        from diffusers.optimization import get_scheduler
-
-        updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps / acc.num_processes)
-        if updates_per_epoch == 0:
-            raise UsageError(f"the dataset ({len(dataset)} items) is smaller than one batch per process; lower "
-                             "--train_batch_size or add data")
+        self.loader = acc.prepare(loader)
+        batches_per_step = len(self.phases) * args.gradient_accumulation_steps
+        self.updates_per_epoch = len(self.loader) // batches_per_step
+        if self.updates_per_epoch == 0:
+            raise UsageError(f"the dataset ({len(dataset)} items) is smaller than one step's {batches_per_step} "
+                             f"batches of {args.train_batch_size} per process; lower --train_batch_size or add data")
         if args.max_train_steps is None:
-            args.max_train_steps = args.num_train_epochs * updates_per_epoch
+            args.max_train_steps = args.num_train_epochs * self.updates_per_epoch
         if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
             # diffusers' "constant" ignores warmup (so does the reference, METHODS 8.20): honour the request
             logger.info("--lr_scheduler constant with --lr_warmup_steps %d: using constant_with_warmup",
                         args.lr_warmup_steps)
             args.lr_scheduler = "constant_with_warmup"
+        self.nets = {name: self.prepare_network(name, spec) for name, spec in specs.items()}
+        self.networks = Networks(self.nets)
+        for phase in self.phases:
+            if phase.network not in self.nets:
+                raise ValueError(f"phase trains {phase.network!r}, which {method.name} does not build")
+        self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "nonfinite_skipped": 0,
+                      "num_processes": acc.num_processes, "method": method.name,
+                      "effective_max_grad_norm": self._clipping_summary()}
+        self._batches = None
+
+    def build_dataset(self):
+        args = self.args
+        if not self.method.needs_images:
+            return PromptDataset.from_args(args)
+        dataset = load_text_image_dataset(args.dataset_name, args.dataset_config_name, args.data_files,
+                                          args.dataset_split, args.cache_dir)
+        return TextImageDataset(dataset, args.resolution, args.image_column, args.caption_column,
+                                args.max_train_samples)
+
+    def prepare_network(self, name: str, spec: NetworkSpec) -> TrainedNetwork:
+        from diffusers.optimization import get_scheduler
+
+        args, acc = self.args, self.accelerator
+        net = TrainedNetwork(name, spec, acc)
+        spec.module.train().to(self.device)
+        params = [p for p in spec.module.parameters() if p.requires_grad]
+        for hook in spec.grad_hooks:
+            for p in params:
+                p.register_hook(hook)
+        optimizer = _make_optimizer(args, spec, params)
         lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                      num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
                                      num_training_steps=args.max_train_steps * acc.num_processes,
                                      num_cycles=args.lr_num_cycles, power=args.lr_power)
-        self.student, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(student, optimizer, loader,
-                                                                                   lr_scheduler)
-        self.ema = None
-        if args.ema_decay:
+        if getattr(acc.state, "deepspeed_plugins", None) and isinstance(acc.state.deepspeed_plugins, dict) \
+                and len(acc.state.deepspeed_plugins) > 1:
+            acc.state.select_deepspeed_plugin(name)
+        net.wrapped, net.optimizer, net.lr_scheduler = acc.prepare(spec.module, optimizer, lr_scheduler)
+        if net.deepspeed:
+            net.max_grad_norm = float(net.wrapped.gradient_clipping())
+        else:
+            net.max_grad_norm = spec.max_grad_norm if spec.max_grad_norm is not None else args.max_grad_norm
+        if spec.ema_decay:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(acc.unwrap_model(self.student).parameters(), decay=args.ema_decay)
-            self.ema.to(self.device)
-            acc.register_for_checkpointing(self.ema)
-        self.updates_per_epoch = updates_per_epoch
-        clip = self.student.gradient_clipping() if acc.distributed_type.name == "DEEPSPEED" else args.max_grad_norm
-        self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "nonfinite_skipped": 0,
-                      "num_processes": acc.num_processes, "method": self.method.name,
-                      "effective_max_grad_norm": clip}
+            net.ema = EMAModel(net.plain.parameters(), decay=spec.ema_decay)
+            net.ema.to(self.device)
+            acc.register_for_checkpointing(net.ema)
+        return net
 
-    # ----- one step -----
+    def _clipping_summary(self):
+        values = {name: net.max_grad_norm for name, net in self.nets.items()}
+        return values["student"] if list(values) == ["student"] else values
+
+    # ----- data -----
+    def next_batch(self):
+        """The next raw batch of this process, continuing into the next epoch (its own shuffle) as needed."""
+        state = self.state
+        while True:
+            if self._batches is None:
+                self.loader.set_epoch(state["epoch"])
+                skip = state["batches_in_epoch"]
+                self._batches = iter(self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+            try:
+                raw = next(self._batches)
+            except StopIteration:
+                state["epoch"] += 1
+                state["batches_in_epoch"] = 0
+                self._batches = None
+                continue
+            state["batches_in_epoch"] += 1
+            return raw
+
     @torch.no_grad()
     def encode_batch(self, raw) -> Batch:
         args = self.args
         cond = self.components.encode(raw["captions"], args.max_sequence_length, self.device)
-        x0 = encode_images(self.components.vae, raw["pixel_values"], generator=self.generator)
-        h, w = x0.shape[-2:]
-        return Batch(pack_latents(x0).to(self.device), cond, image_ids(h, w, device=self.device), raw["captions"],
-                     (h, w))
+        if "pixel_values" in raw:
+            x0 = encode_images(self.components.vae, raw["pixel_values"], generator=self.generator)
+            h, w = x0.shape[-2:]
+            x0 = pack_latents(x0).to(self.device)
+        else:  # prompts only: the latent size follows --resolution
+            x0, h, w = None, args.resolution // 8, args.resolution // 8
+        return Batch(x0, cond, image_ids(h, w, device=self.device), raw["captions"], (h, w))
 
+    # ----- one step -----
     def _any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
-    def train_step(self, raw) -> dict | None:
-        """One optimizer step (over gradient-accumulation micro-batches); None if it was skipped."""
-        acc, args = self.accelerator, self.args
-        batch = self.encode_batch(raw)
-        with acc.accumulate(self.student):
+    def _backward(self, net: TrainedNetwork, loss: torch.Tensor, last: bool) -> None:
+        if net.deepspeed:  # one engine per network: drive it directly (accelerator.backward knows only the first)
+            net.wrapped.set_gradient_accumulation_boundary(last)
+            net.wrapped.backward(loss)
+            return
+        sync = nullcontext() if last or not hasattr(net.wrapped, "no_sync") else net.wrapped.no_sync()
+        with sync:
+            self.accelerator.backward(loss)  # divides by the accumulation steps
+
+    def run_phase(self, phase) -> dict | None:
+        """One update of `phase.network` over --gradient_accumulation_steps batches; None if it was skipped."""
+        acc, args, net = self.accelerator, self.args, self.nets[phase.network]
+        steps = args.gradient_accumulation_steps
+        bad, backpropped, logs = False, 0, {}
+        for micro in range(steps):
+            last = micro == steps - 1
+            batch = self.encode_batch(self.next_batch())
             with acc.autocast():
-                loss, logs = self.method.loss(acc.unwrap_model(self.student), self.teacher, batch,
-                                              self.state["global_step"], self.generator, forward=self.student)
-            bad = self._any_rank(not torch.isfinite(loss).item())
-            if not bad:
-                acc.backward(loss)
-            grad_norm = None
-            if acc.sync_gradients and not bad:
-                if acc.distributed_type.name == "DEEPSPEED":
-                    grad_norm = self.student.get_global_grad_norm()
-                elif args.max_grad_norm and args.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(self.student.parameters(), args.max_grad_norm)
-                if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                    bad = True
-            if bad:
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and acc.sync_gradients:
-            self.ema.step(acc.unwrap_model(self.student).parameters())
-        out = {"loss": loss.detach().float(), **{k: torch.as_tensor(v).detach().float() for k, v in logs.items()}}
+                loss, micro_logs = phase.loss(self.networks, self.teacher, batch, self.state["global_step"],
+                                              self.generator)
+            if self._any_rank(not torch.isfinite(loss).item()):
+                bad = True
+            elif not bad:
+                self._backward(net, loss, last)
+                backpropped += 1
+            for k, v in {"loss": loss, **micro_logs}.items():
+                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v).detach().float() / steps
+        grad_norm = None
+        if net.deepspeed:
+            if backpropped and bad and backpropped < steps:
+                # DeepSpeed owns the accumulated gradients: close the accumulation with a zero-gradient boundary
+                # pass, then let the finite micro-batches update (the step is only skipped when none was finite)
+                net.wrapped.set_gradient_accumulation_boundary(True)
+                net.wrapped.backward(sum(p.sum() for p in net.parameters()) * 0.0)
+            if backpropped:
+                net.wrapped.step()
+                grad_norm = net.wrapped.get_global_grad_norm()
+        elif not bad and net.max_grad_norm and net.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(net.wrapped.parameters(), net.max_grad_norm)
+            bad = not math.isfinite(float(grad_norm))
+        if bad and not (net.deepspeed and backpropped):
+            net.optimizer.zero_grad(set_to_none=True)
+            return None
+        if not net.deepspeed:
+            net.optimizer.step()
+            net.optimizer.zero_grad(set_to_none=True)
+        net.lr_scheduler.step()
+        if net.ema is not None:
+            net.ema.step(net.plain.parameters())
         if grad_norm is not None:
-            out["grad_norm"] = torch.as_tensor(float(grad_norm))
-        return out
+            logs["grad_norm"] = torch.as_tensor(float(grad_norm))
+        logs["lr"] = torch.tensor(net.lr_scheduler.get_last_lr()[0])
+        return None if bad else logs
+
+    def train_step(self) -> tuple[dict, bool]:
+        """One iteration: every active phase in order. Returns (logs, whether any phase was skipped)."""
+        logs, skipped = {}, False
+        single = len(self.nets) == 1
+        for phase in self.phases:
+            if phase.active is not None and not phase.active(self.state["global_step"]):
+                continue
+            phase_logs = self.run_phase(phase)
+            if phase_logs is None:
+                skipped = True
+                continue
+            for k, v in phase_logs.items():
+                logs[k if single or k not in ("loss", "grad_norm", "lr") else f"{phase.network}_{k}"] = v
+        return logs, skipped
 
     # ----- checkpoints, exports, validation -----
+    @property
+    def export_net(self) -> TrainedNetwork:
+        return self.nets[self.method.export_network]
+
     def exported_transformer(self):
-        return self.method.export_transformer(self.accelerator.unwrap_model(self.student))
+        return self.method.export_transformer(self.export_net.plain)
 
     def _with_ema(self, fn):
-        if self.ema is None:
+        net = self.export_net
+        if net.ema is None:
             return fn()
-        params = list(self.accelerator.unwrap_model(self.student).parameters())
-        self.ema.store(params)
-        self.ema.copy_to(params)
+        params = list(net.plain.parameters())
+        net.ema.store(params)
+        net.ema.copy_to(params)
         try:
             return fn()
         finally:
-            self.ema.restore(params)
+            net.ema.restore(params)
 
     def export(self, folder: Path, step: int) -> None:
         if self.accelerator.is_main_process:
             pt = Path(self.args.output_dir) / "ckpts" / f"transformer_{step}.pt"
-            self._with_ema(lambda: export_transformer(self.exported_transformer(), folder / "transformer", pt))
+            meta = self.method.export_metadata()
+            self._with_ema(lambda: export_transformer(self.exported_transformer(), folder / "transformer", pt, meta))
 
     def save(self) -> Path:
         step = self.state["global_step"]
-        path = save_checkpoint(self.accelerator, Path(self.args.output_dir), step, self.state,
-                               {"generator": self.generator.get_state()}, lambda tmp: self.export(tmp, step),
-                               self.args.checkpoints_total_limit)
+        rank_state = {"generator": self.generator.get_state(), "method": self.method.rank_state()}
+        path = save_checkpoint(self.accelerator, Path(self.args.output_dir), step, self.state, rank_state,
+                               lambda tmp: self.export(tmp, step), self.args.checkpoints_total_limit)
         logger.info("saved %s", path)
         return path
 
@@ -378,6 +461,7 @@ class Trainer:
         trainer_state, rank_state = load_checkpoint(self.accelerator, path)
         self.state.update(trainer_state)
         self.generator.set_state(rank_state["generator"])
+        self.method.load_rank_state(rank_state.get("method", {}))
         logger.info("resumed from %s at step %d", path, self.state["global_step"])
 
     @torch.no_grad()
@@ -391,6 +475,8 @@ class Trainer:
             was_training = transformer.training
             transformer.eval()
             pipe = self.components.pipeline(self.method.pipeline_cls, transformer)
+            if hasattr(self.method, "configure_pipeline"):
+                self.method.configure_pipeline(pipe)
             pipe.set_progress_bar_config(disable=True)
             rows = []
             for steps in args.validation_inference_steps:
@@ -416,7 +502,8 @@ class Trainer:
 
     # ----- main loop -----
     def log(self, logs: dict, step: int) -> dict:
-        reduced = {k: self.accelerator.reduce(v.to(self.device).reshape(1), reduction="mean").item()
+        reduced = {k: self.accelerator.reduce(torch.as_tensor(v).to(self.device).float().reshape(1),
+                                              reduction="mean").item()
                    for k, v in sorted(logs.items())}
         self.accelerator.log(reduced, step=step)
         return reduced
@@ -425,55 +512,42 @@ class Trainer:
         self.setup()
         self.resume()
         acc, args, state = self.accelerator, self.args, self.state
-        logger.info("training %s: %d steps, %d per epoch, batch %d x %d processes x %d accumulation",
+        logger.info("training %s: %d steps, %d per epoch, batch %d x %d processes x %d accumulation, networks %s",
                     self.method.name, args.max_train_steps, self.updates_per_epoch, args.train_batch_size,
-                    acc.num_processes, args.gradient_accumulation_steps)
+                    acc.num_processes, args.gradient_accumulation_steps, ", ".join(self.nets))
         bar = tqdm(total=args.max_train_steps, initial=state["global_step"], disable=not acc.is_local_main_process,
                    desc=self.method.name)
         consecutive_bad = 0
         images_per_step = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         while state["global_step"] < args.max_train_steps:
-            self.loader.set_epoch(state["epoch"])
-            loader = acc.skip_first_batches(self.loader, state["batches_in_epoch"]) if state["batches_in_epoch"] \
-                else self.loader
             tick = time.perf_counter()
-            for raw in loader:
-                state["batches_in_epoch"] += 1
-                logs = self.train_step(raw)
-                if not acc.sync_gradients:
-                    continue
-                state["global_step"] += 1
-                bar.update(1)
-                if logs is None:
-                    state["nonfinite_skipped"] += 1
-                    consecutive_bad += 1
-                    acc.log({"nonfinite_skipped": state["nonfinite_skipped"]}, step=state["global_step"])
-                    logger.warning("step %d: non-finite loss or gradient, step skipped (%d in all)",
-                                   state["global_step"], state["nonfinite_skipped"])
-                    if consecutive_bad >= args.max_nonfinite_steps:
-                        path = self.save()
-                        raise FloatingPointError(
-                            f"{consecutive_bad} consecutive non-finite steps: stopping (state saved in {path}); "
-                            "lower --learning_rate or check the data and the rescaled checkpoint")
-                else:
-                    consecutive_bad = 0
-                    elapsed = time.perf_counter() - tick
-                    if state["global_step"] % args.log_every == 0:
-                        logs.update(lr=torch.tensor(self.lr_scheduler.get_last_lr()[0]),
-                                    step_time=torch.tensor(elapsed), images_per_sec=torch.tensor(images_per_step / elapsed))
-                        shown = self.log(logs, state["global_step"])
-                        bar.set_postfix(loss=f"{shown['loss']:.4g}")
-                tick = time.perf_counter()
-                step = state["global_step"]
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    self.save()
-                if args.validation_prompt and args.validation_steps and step % args.validation_steps == 0:
-                    self.validate()
-                if step >= args.max_train_steps:
-                    break
+            logs, skipped = self.train_step()
+            state["global_step"] += 1
+            step = state["global_step"]
+            bar.update(1)
+            if skipped:
+                state["nonfinite_skipped"] += 1
+                consecutive_bad += 1
+                acc.log({"nonfinite_skipped": state["nonfinite_skipped"]}, step=step)
+                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in all)", step,
+                               state["nonfinite_skipped"])
+                if consecutive_bad >= args.max_nonfinite_steps:
+                    path = self.save()
+                    raise FloatingPointError(
+                        f"{consecutive_bad} consecutive non-finite steps: stopping (state saved in {path}); "
+                        "lower --learning_rate or check the data and the rescaled checkpoint")
             else:
-                state["epoch"] += 1
-                state["batches_in_epoch"] = 0
+                consecutive_bad = 0
+            if logs and step % args.log_every == 0:
+                elapsed = time.perf_counter() - tick
+                logs.update(step_time=torch.tensor(elapsed), images_per_sec=torch.tensor(images_per_step / elapsed))
+                shown = self.log(logs, step)
+                loss_keys = [k for k in shown if k == "loss" or k.endswith("_loss")]
+                bar.set_postfix({k: f"{shown[k]:.4g}" for k in loss_keys})
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                self.save()
+            if args.validation_prompt and args.validation_steps and step % args.validation_steps == 0:
+                self.validate()
         bar.close()
         final = self.finish()
         acc.end_training()
@@ -486,7 +560,8 @@ class Trainer:
         if not (out / f"checkpoint-{step}").exists():
             self.save()
         if self.accelerator.is_main_process:
-            self._with_ema(lambda: export_transformer(self.exported_transformer(), out / "transformer"))
+            meta = self.method.export_metadata()
+            self._with_ema(lambda: export_transformer(self.exported_transformer(), out / "transformer", None, meta))
             (out / "training_summary.json").write_text(json.dumps(self.state, indent=1))
         self.accelerator.wait_for_everyone()
         return out / "transformer"
