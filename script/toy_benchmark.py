@@ -1,15 +1,17 @@
 """The paper's workflow end to end in the toy world, scored with GenEval's rules: a measured proof on a CPU.
 
-    python script/toy_benchmark.py [--mode full|quick|smoke] [--output_dir outputs/toy_benchmark]
+    python script/toy_benchmark.py [--mode full|quick|smoke] [--output_dir outputs/toy_benchmark_<mode>]
 
-Stages (each reused when its output exists, so an interrupted run continues and --quick reuses --full's):
-  1. toy teacher: a small FLUX pipeline (x1000 time/guidance, 16-channel VAE, CLIP + T5) trained on the world
+Stages (each reused when its output exists, so an interrupted run continues):
+  1. the toy teacher: the one shipped in toyworld/toy_teacher (a small FLUX pipeline: x1000 time/guidance,
+     16-channel VAE, CLIP + T5), with its rescaled x1 twin; or --teacher_dir, or built (--build_teacher)
   2. world data at the teacher's resolution: a training set (parquet) and held-out GenEval-format prompts
-  3. rescale: train_rescale.py makes the x1 teacher
-  4. distil: train_sCM.py and train_meanflow.py from the rescaled teacher
-  5. sample the held-out prompts (4 images each): the teacher at 28 steps and with its own Euler sampler at
+  3. distil every method from that teacher, each student with the same training-time budget, for every seed:
+     sCM and MeanFlow (from the x1 twin), SiD with LSG (the default), Zero-CFG and Anti-CFG (data-free, from the
+     x1000 teacher)
+  4. sample the held-out prompts (4 images each): the teacher at 28 steps and with its own Euler sampler at
      1, 2 and 4 steps, the x1 teacher at 28 steps, each student at 1, 2 and 4 steps
-  6. score with toyworld.scorer (GenEval's rules) and write results.json, results.md and image grids
+  5. score with toyworld.scorer (GenEval's rules) and write results.json, results.md and image grids
 Every stage uses the same scripts, loaders and pipelines as a FLUX.1-lite-8B run; only sizes differ.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -35,20 +38,38 @@ import torch  # noqa: E402
 from toyworld.teacher import PRESETS as TEACHER_PRESETS  # noqa: E402
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+SHIPPED_TEACHER = ROOT / "toyworld" / "toy_teacher"
+SHIPPED_X1 = "transformer_x1"  # the rescaled twin, a diffusers transformer folder inside the teacher folder
+
+# Students: (name, training script, sampler, flags). Learning rates and schedules are each method's toy settings;
+# the budget (minutes of training per student) is the same for all.
+STUDENTS = {
+    "scm": ("train_sCM", "scm", ["--logit_mean", "0.2", "--logit_std", "1.6", "--learning_rate", "2e-4"]),
+    "meanflow": ("train_meanflow", "meanflow", ["--zero_init_dual", "--use_cfg_meanflow", "True", "--cfg_kappa", "0.5",
+                                                "--learning_rate", "2e-4"]),
+    "sid": ("train_sid", "sid", ["--guidance_strategy", "lsg"]),
+    "sid_zero_cfg": ("train_sid", "sid", ["--guidance_strategy", "zero_cfg"]),
+    "sid_anti_cfg": ("train_sid", "sid", ["--guidance_strategy", "anti_cfg"]),
+}
+SID_FLAGS = ["--learning_rate", "2e-5", "--fake_learning_rate", "2e-5", "--num_generator_steps", "4",
+             "--max_grad_norm", "1.0"]
 
 PRESETS = {
-    "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=50, batch=32, rescale_steps=1000,
-                 scm_steps=1500, meanflow_steps=1500, lr=2e-4),
-    # quick: a demo that fits 10 minutes from a fresh clone (setup included); its teacher is far weaker than full's
-    "quick": dict(teacher=TEACHER_PRESETS["quick"],
-                  data_images=3000, eval_per_tag=8, batch=16, rescale_steps=80, scm_steps=120,
-                  meanflow_steps=120, lr=1e-4, chance_per_tag=150),
-    "smoke": dict(teacher=TEACHER_PRESETS["smoke"],
-                  data_images=24, eval_per_tag=1, batch=4, rescale_steps=2, scm_steps=2, meanflow_steps=2, lr=1e-4,
-                  nfes=(1,), teacher_steps=2, chance_per_tag=10),
+    # full: every method, two seeds each, 50 held-out prompts per category (1200 images per row)
+    "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=50, batch=32, minutes=8.0,
+                 students=tuple(STUDENTS), seeds=(0, 1), rescale_steps=1000),
+    # quick: the README's first command (under 10 minutes from a fresh clone on 2 cores, setup included)
+    "quick": dict(teacher=TEACHER_PRESETS["quick"], data_images=2000, eval_per_tag=24, batch=32, minutes=1.4,
+                  students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=1000, teacher_x1_row=False,
+                  chance_per_tag=150),
+    "smoke": dict(teacher=TEACHER_PRESETS["smoke"], data_images=24, eval_per_tag=1, batch=4, minutes=None, steps=2,
+                  students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=2, nfes=(1,), teacher_steps=2,
+                  chance_per_tag=10, build_teacher=True),
 }
-# the paper's bars, as fractions of the teacher's overall score (issue 6)
-BARS = {("scm", 2): 0.97, ("scm", 1): 0.90, ("meanflow", 4): 0.97, ("meanflow", 1): 0.70}
+# bars as fractions of the teacher's 28-step overall score (issues 11 and 12)
+BARS = {("scm", 2): 0.97, ("scm", 1): 0.90, ("meanflow", 4): 0.97, ("meanflow", 1): 0.70, ("sid", 4): 0.97,
+        ("sid", 1): 0.90}
+TEACHER_BAR, CHANCE_MULTIPLE = 0.65, 3.0
 
 
 def log(msg: str) -> None:
@@ -74,13 +95,16 @@ def stage_data(out: Path, preset: dict, seed: int) -> tuple[Path, Path]:
     return data, eval_file
 
 
-def stage_teacher(out: Path, preset: dict, seed: int, reuse: Path | None) -> Path:
+def stage_teacher(out: Path, preset: dict, seed: int, teacher_dir: Path | None, build: bool) -> Path:
     from toyworld.teacher import build_toy_teacher
 
-    for candidate in ([reuse] if reuse else []) + [out / "teacher"]:
-        if (candidate / "toy_teacher.json").exists():
-            log(f"reusing the toy teacher in {candidate}")
-            return candidate
+    if not build:
+        teacher = teacher_dir or SHIPPED_TEACHER
+        log(f"using the toy teacher in {teacher}")
+        return teacher
+    if (out / "teacher" / "toy_teacher.json").exists():
+        log(f"reusing the toy teacher built in {out / 'teacher'}")
+        return out / "teacher"
     return build_toy_teacher(out / "teacher", replace(preset["teacher"], seed=seed), log=log)
 
 
@@ -90,6 +114,7 @@ def _train(module_name: str, argv: list[str], done: Path) -> Path:
         return done
     module = __import__(module_name)
     reset_accelerate()
+    log(f"{module_name} -> {done.parent}")
     try:
         module.main(argv)
     finally:
@@ -97,55 +122,72 @@ def _train(module_name: str, argv: list[str], done: Path) -> Path:
     return done
 
 
-def common_train_args(teacher: Path, data: Path, out: Path, preset: dict, steps: int) -> list[str]:
+def common_train_args(teacher: Path, data: Path, out: Path, preset: dict, seed: int) -> list[str]:
+    budget = (["--max_train_minutes", str(preset["minutes"]), "--max_train_steps", "1000000"] if preset.get("minutes")
+              else ["--max_train_steps", str(preset["steps"])])
     return ["--pretrained_model_name_or_path", str(teacher), "--data_files", str(data),
             "--resolution", str(preset["resolution"]), "--train_batch_size", str(preset["batch"]),
             "--max_sequence_length", str(preset["max_sequence_length"]), "--dataloader_num_workers", "0",
-            "--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(max(steps // 2, 1)),
-            "--checkpoints_total_limit", "1", "--report_to", "tensorboard", "--seed", "0",
-            "--resume_from_checkpoint", "latest", "--lr_warmup_steps", str(min(50, steps // 4))]
+            "--output_dir", str(out), "--checkpointing_steps", "0", "--report_to", "tensorboard", "--seed", str(seed),
+            "--lr_warmup_steps", "20", *budget]
 
 
-def stage_distill(out: Path, teacher: Path, data: Path, preset: dict, guidance: float) -> dict[str, Path]:
-    """Rescale, then distil; students learn the teacher at the guidance they are evaluated at (METHODS 8, 18)."""
-    lr = str(preset["lr"])
-    rescaled = _train("train_rescale", common_train_args(teacher, data, out / "rescale", preset,
-                                                         preset["rescale_steps"])
-                      + ["--learning_rate", "3e-4", "--init", "remap", "--eval_steps", "8", "--eval_batches", "1"],
-                      out / "rescale" / "rescaled.pt")
-    base = ["--rescaled_checkpoint_path", str(rescaled), "--learning_rate", lr]
-    scm = _train("train_sCM", common_train_args(teacher, data, out / "scm", preset, preset["scm_steps"]) + base
-                 + ["--logit_mean", "0.2", "--logit_std", "1.6",
-                    "--tangent_warmup_steps", str(max(preset["scm_steps"] // 4, 1)),
-                    "--scm_cfg_scale", str(guidance)],
-                 out / "scm" / "transformer")
-    meanflow = _train("train_meanflow", common_train_args(teacher, data, out / "meanflow", preset,
-                                                          preset["meanflow_steps"]) + base
-                      + ["--zero_init_dual", "--use_cfg_meanflow", "True", "--cfg_kappa", "0.5",
-                         "--cfg_scale", str(guidance)],
-                      out / "meanflow" / "transformer")
-    return {"rescaled": rescaled, "scm": scm, "meanflow": meanflow}
+def stage_rescale(out: Path, teacher: Path, data: Path, preset: dict, rescale: bool) -> Path:
+    """The x1 twin: shipped with the teacher, or made here with train_rescale.py."""
+    shipped = teacher / SHIPPED_X1
+    if shipped.is_dir() and not rescale:
+        return shipped
+    args = common_train_args(teacher, data, out / "rescale", {**preset, "minutes": None,
+                                                               "steps": preset["rescale_steps"]}, 0)
+    return _train("train_rescale", args + ["--learning_rate", "3e-4", "--init", "remap", "--eval_steps", "8",
+                                           "--eval_batches", "1"], out / "rescale" / "rescaled.pt")
 
 
-def pipelines(teacher: Path, trained: dict[str, Path]):
-    """(model name, sampler, pipeline) for every row, loaded through the project's loaders."""
+def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: dict, guidance: float) -> dict:
+    """Every student of the preset for every seed; students learn the teacher at the guidance they are evaluated
+    at (METHODS 8, item 18). Returns {(student, seed): export folder}."""
+    trained = {}
+    for name in preset["students"]:
+        module, sampler, flags = STUDENTS[name]
+        for seed in preset["seeds"]:
+            run = out / "students" / f"{name}_seed{seed}"
+            args = common_train_args(teacher, data, run, preset, seed) + flags
+            if sampler == "scm":
+                args += ["--rescaled_checkpoint_path", str(rescaled), "--scm_cfg_scale", str(guidance),
+                         "--tangent_warmup_steps", "100"]
+            elif sampler == "meanflow":
+                args += ["--rescaled_checkpoint_path", str(rescaled), "--cfg_scale", str(guidance)]
+            else:  # SiD: data-free (the captions of the training set, no image), from the original x1000 teacher
+                args += SID_FLAGS + ["--teacher_guidance", str(guidance), "--generator_guidance", str(guidance),
+                                     "--fake_guidance", str(guidance)]
+            trained[(name, seed)] = _train(module, args, run / "transformer")
+    return trained
+
+
+def load_pipeline(name: str, teacher: Path, weights: Path | None):
+    """(sampler name, pipeline) of a row, loaded through the project's loaders like any FLUX.1-lite-8B run."""
     from model.loading import load_transformer
-    from model.pipeline import FluxEulerPipeline, FluxMeanFlowPipeline, FluxSCMPipeline
+    from model.pipeline import FluxEulerPipeline, FluxMeanFlowPipeline, FluxSCMPipeline, FluxSiDPipeline
+    from training.checkpoint import read_export_metadata
 
-    def pipe(cls, transformer):
-        p = cls.from_pretrained(teacher, transformer=transformer)
-        p.set_progress_bar_config(disable=True)
-        return p
-
-    return {
-        "teacher": pipe(FluxEulerPipeline, load_transformer(str(teacher))),
-        "teacher_x1": pipe(FluxEulerPipeline, load_transformer(str(teacher), weights_path=trained["rescaled"],
-                                                               time_input_scale=1.0)),
-        "scm": pipe(FluxSCMPipeline, load_transformer(str(teacher), weights_path=trained["scm"],
-                                                      time_input_scale=1.0)),
-        "meanflow": pipe(FluxMeanFlowPipeline, load_transformer(str(teacher), weights_path=trained["meanflow"],
-                                                                time_input_scale=1.0, dual_timestep=True)),
-    }
+    if name == "teacher":
+        cls, transformer = FluxEulerPipeline, load_transformer(str(teacher))
+    elif name == "teacher_x1":
+        cls, transformer = FluxEulerPipeline, load_transformer(str(teacher), weights_path=weights, time_input_scale=1.0)
+    elif name == "scm":
+        cls, transformer = FluxSCMPipeline, load_transformer(str(teacher), weights_path=weights, time_input_scale=1.0)
+    elif name == "meanflow":
+        cls, transformer = FluxMeanFlowPipeline, load_transformer(str(teacher), weights_path=weights,
+                                                                  time_input_scale=1.0, dual_timestep=True)
+    else:
+        meta = read_export_metadata(weights)
+        cls = FluxSiDPipeline
+        transformer = load_transformer(str(teacher), weights_path=weights, time_input_scale=meta["time_input_scale"])
+    pipe = cls.from_pretrained(teacher, transformer=transformer)
+    if cls is FluxSiDPipeline:
+        pipe.configure_generator(meta["noise_type"], meta["init_time"], meta["time_shift"], meta["train_steps"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def sample_and_score(pipe, prompts: list[dict], run: Path, nfe: int, preset: dict, guidance: float) -> dict:
@@ -187,10 +229,11 @@ def save_grid(run: Path, path: Path, prompts: int = 8) -> None:
 
 def chance_levels(per_tag: int = 300, seed: int = 0, resolution: int = 64) -> dict[str, float]:
     """How often a clean image made for one prompt of a tag passes another random prompt of that tag."""
+    from toyworld.detector import ShapeDetector
     from toyworld.scorer import evaluate
     from toyworld.world import render, sample_metadata
 
-    detector = __import__("toyworld.detector", fromlist=["ShapeDetector"]).ShapeDetector()
+    detector = ShapeDetector()
     rng = np.random.default_rng([7, seed])
     levels = {}
     for tag in TAGS:
@@ -202,49 +245,77 @@ def chance_levels(per_tag: int = 300, seed: int = 0, resolution: int = 64) -> di
     return levels
 
 
-def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: str,
-                 seconds: dict[str, float] | None = None) -> str:
-    """results.md and results.json; `seconds` is this run's wall time per stage (reused stages count ~0)."""
-    teacher = next(r for r in rows if r["model"] == "teacher" and r["nfe"] == max(r2["nfe"] for r2 in rows
-                                                                                   if r2["model"] == "teacher"))
-    lines = [f"# Toy-world distillation benchmark ({mode})", ""]
-    if mode != "full":
-        lines += [f"{mode} mode checks the workflow end to end with short training and few prompts (and, unless a full "
-                  "run's teacher is reused, a far weaker teacher): its scores and bars are not the benchmark's "
-                  "(README, 'Toy world').", ""]
-    lines += ["| model | sampler | NFE | overall | " + " | ".join(TAGS) + " | vs teacher | s/image |",
-              "|---|---|---|---|" + "---|" * len(TAGS) + "---|---|"]
-    for r in rows:
-        cats = " | ".join(f"{r['categories'].get(t, float('nan')):.3f}" for t in TAGS)
-        frac = r["overall"] / teacher["overall"] if teacher["overall"] else float("nan")
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['overall']:.3f} | {cats} | {frac:.2f} | "
-                     f"{r['sec_per_image'] or float('nan'):.4f} |")
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (model, sampler, NFE): the mean over seeds, with the spread (max - min) of the overall score."""
+    grouped: dict[tuple, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["model"], row["sampler"], row["nfe"]), []).append(row)
+    out = []
+    for (model, sampler, nfe), group in grouped.items():
+        overall = [r["overall"] for r in group]
+        times = [r["train_minutes"] for r in group if r.get("train_minutes") is not None]
+        out.append({"model": model, "sampler": sampler, "nfe": nfe, "overall": statistics.mean(overall),
+                    "spread": max(overall) - min(overall), "seeds": len(group),
+                    "categories": {t: statistics.mean(r["categories"].get(t, float("nan")) for r in group)
+                                   for t in TAGS},
+                    "train_minutes": statistics.mean(times) if times else None,
+                    "sec_per_image": statistics.mean(r["sec_per_image"] for r in group)})
+    return out
+
+
+def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: str, seconds: dict[str, float],
+                 budget: str) -> str:
+    """results.md and results.json from the per-seed rows."""
+    table = aggregate(rows)
+    teacher = next(r for r in table if r["model"] == "teacher" and r["nfe"] == max(
+        x["nfe"] for x in table if x["model"] == "teacher"))
+
+    def fraction(row):
+        return row["overall"] / teacher["overall"] if teacher["overall"] else float("nan")
+
+    lines = [f"# Toy-world distillation benchmark ({mode})", "", f"Students: {budget}.", ""]
+    lines += ["| model | sampler | NFE | overall (seeds: mean, spread) | " + " | ".join(TAGS)
+              + " | vs teacher | train min | s/image |",
+              "|---|---|---|---|" + "---|" * len(TAGS) + "---|---|---|"]
+    for r in table:
+        cats = " | ".join(f"{r['categories'][t]:.3f}" for t in TAGS)
+        overall = f"{r['overall']:.3f}" + (f" (n={r['seeds']}, +-{r['spread'] / 2:.3f})" if r["seeds"] > 1 else "")
+        minutes = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else ""
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {overall} | {cats} | {fraction(r):.2f} | "
+                     f"{minutes} | {r['sec_per_image'] or float('nan'):.4f} |")
     lines += ["", "Chance level per category (a clean image for another prompt of the tag): "
-              + ", ".join(f"{t} {v:.3f}" for t, v in chance.items()), "", "Bars (issue 6):"]
-    ok = teacher["overall"] >= 0.6 and all(teacher["categories"][t] >= 2 * chance[t] for t in TAGS)
-    lines.append(f"- teacher {teacher['nfe']} steps: overall {teacher['overall']:.3f} >= 0.6 and every category "
-                 f">= 2x chance: {'PASS' if ok else 'MISS'}")
+              + ", ".join(f"{t} {v:.3f}" for t, v in chance.items()), "", "Bars:"]
+    ok = teacher["overall"] >= TEACHER_BAR and all(teacher["categories"][t] >= CHANCE_MULTIPLE * chance[t]
+                                                   for t in TAGS)
+    lines.append(f"- teacher {teacher['nfe']} steps: overall {teacher['overall']:.3f} >= {TEACHER_BAR} and every "
+                 f"category >= {CHANCE_MULTIPLE:g}x chance: {'PASS' if ok else 'MISS'}")
     for (model, nfe), bar in BARS.items():
-        row = next((r for r in rows if r["model"] == model and r["nfe"] == nfe), None)
+        row = next((r for r in table if r["model"] == model and r["nfe"] == nfe), None)
         if row:
-            frac = row["overall"] / teacher["overall"] if teacher["overall"] else 0.0
-            lines.append(f"- {model} {nfe} step(s): {frac:.2f} of the teacher (bar {bar}): "
-                         f"{'PASS' if frac >= bar else 'MISS'}")
-    for r in rows:
-        if r["model"] in ("scm", "meanflow"):
-            euler = next((e for e in rows if e["model"] == "teacher" and e["nfe"] == r["nfe"]), None)
+            lines.append(f"- {model} {nfe} step(s): {fraction(row):.2f} of the teacher (bar {bar}): "
+                         f"{'PASS' if fraction(row) >= bar else 'MISS'}")
+    for r in table:
+        if r["model"] not in ("teacher", "teacher_x1"):
+            euler = next((e for e in table if e["model"] == "teacher" and e["nfe"] == r["nfe"]), None)
             if euler:
                 beat = r["overall"] > euler["overall"]
                 lines.append(f"- {r['model']} {r['nfe']} step(s) beats the teacher's Euler at {r['nfe']}: "
                              f"{r['overall']:.3f} vs {euler['overall']:.3f}: {'PASS' if beat else 'MISS'}")
-    if seconds:
-        lines += ["", "Wall time of this run (reused stages take ~0 s): "
-                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())]
+    lines += ["", "Wall time of this run (reused stages take ~0 s): "
+              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"mode": mode, "rows": rows, "chance": chance,
-                                                  "seconds": seconds or {}}, indent=1))
+    (out / "results.json").write_text(json.dumps({"mode": mode, "budget": budget, "rows": table, "per_seed": rows,
+                                                  "chance": chance, "seconds": seconds}, indent=1))
     return text
+
+
+def train_minutes(export: Path) -> float | None:
+    summary = export.parent / "training_summary.json"
+    if summary.exists():
+        seconds = json.loads(summary.read_text()).get("train_seconds")
+        return seconds / 60 if seconds is not None else None
+    return None
 
 
 def main(argv=None) -> dict:
@@ -254,51 +325,66 @@ def main(argv=None) -> dict:
     parser.add_argument("--mode", choices=sorted(PRESETS), default="full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="mode")
     parser.add_argument("--output_dir", default=None)
-    parser.add_argument("--teacher_dir", default=None, help="reuse this toy teacher (default: a full run's)")
+    parser.add_argument("--teacher_dir", default=None, help="use this toy teacher (default: the shipped one)")
+    parser.add_argument("--build_teacher", action="store_true", help="build the teacher here (its preset's settings)")
+    parser.add_argument("--rescale", action="store_true", help="make the x1 twin with train_rescale.py here")
     parser.add_argument("--guidance_scale", type=nonnegative_float, default=3.5)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     args = parser.parse_args(argv)
-    if args.teacher_dir and not (Path(args.teacher_dir) / "toy_teacher.json").exists():
-        raise UsageError(f"--teacher_dir {args.teacher_dir} is not a toy teacher folder (no toy_teacher.json); "
-                         "pass the teacher/ folder of a toy benchmark run, or drop the flag to build one")
+    if args.teacher_dir and not (Path(args.teacher_dir) / "model_index.json").exists():
+        raise UsageError(f"--teacher_dir {args.teacher_dir} is not a toy teacher folder (no model_index.json); "
+                         "pass the folder of a toy teacher, or drop the flag to use the shipped one")
     preset = PRESETS[args.mode]
+    build = args.build_teacher or preset.get("build_teacher", False)
+    if not build and not args.teacher_dir and not (SHIPPED_TEACHER / "model_index.json").exists():
+        log(f"no shipped toy teacher in {SHIPPED_TEACHER}: building the {args.mode} preset's teacher here")
+        build = True
     out = Path(args.output_dir or ROOT / "outputs" / f"toy_benchmark_{args.mode}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    reuse = Path(args.teacher_dir) if args.teacher_dir else (
-        ROOT / "outputs" / "toy_benchmark_full" / "teacher" if args.mode == "quick" else None)
-    teacher = stage_teacher(out, preset, args.seed, reuse)
+    teacher = stage_teacher(out, preset, args.seed, Path(args.teacher_dir) if args.teacher_dir else None, build)
     seconds = {"teacher": time.perf_counter() - start}
-    # prompts are encoded and images drawn as the teacher was trained (also when a teacher is reused)
+    # prompts are encoded and images drawn as the teacher was trained
     built = json.loads((teacher / "toy_teacher.json").read_text())["config"]
     preset = {**preset, "resolution": built["resolution"], "max_sequence_length": built["max_sequence_length"]}
     data, eval_file = stage_data(out, preset, args.seed)
-    trained = stage_distill(out, teacher, data, preset, args.guidance_scale)
+    rescaled = stage_rescale(out, teacher, data, preset, args.rescale or build)
+    trained = stage_distill(out, teacher, rescaled, data, preset, args.guidance_scale)
     seconds["data_rescale_distill"] = time.perf_counter() - start - seconds["teacher"]
     log(f"training stages done ({time.perf_counter() - start:.0f} s)")
 
     from evaluation.geneval import load_prompts
 
     prompts = load_prompts(metadata_file=eval_file)
-    pipes = pipelines(teacher, trained)
     nfes = preset.get("nfes", (1, 2, 4))
-    plan = [("teacher", "euler", preset.get("teacher_steps", 28)), ("teacher_x1", "euler", preset.get("teacher_steps", 28))]
-    plan += [("teacher", "euler", n) for n in nfes] + [("scm", "scm", n) for n in nfes]
-    plan += [("meanflow", "meanflow", n) for n in nfes]
-    rows = []
-    for model, sampler, nfe in plan:
-        run = out / "samples" / f"{model}_nfe{nfe}"
-        summary = sample_and_score(pipes[model], prompts, run, nfe, preset, args.guidance_scale)
-        save_grid(run, out / "grids" / f"{model}_nfe{nfe}.png")
-        rows.append({"model": model, "sampler": sampler, "nfe": nfe, "overall": summary["overall"],
-                     "categories": summary["categories"], "sec_per_image": summary["sec_per_image"]})
-        log(f"{model} ({sampler}, {nfe} steps): overall {summary['overall']:.3f}")
+    teacher_steps = preset.get("teacher_steps", 28)
+    plan = [("teacher", "euler", teacher_steps, None, None)]
+    if preset.get("teacher_x1_row", True):
+        plan.append(("teacher_x1", "euler", teacher_steps, rescaled, None))
+    plan += [("teacher", "euler", n, None, None) for n in nfes]
+    plan += [(name, STUDENTS[name][1], n, trained[(name, seed)], seed) for name in preset["students"]
+             for seed in preset["seeds"] for n in nfes]
+    rows, pipes = [], {}
+    for model, sampler, nfe, weights, seed in plan:
+        key = (model, seed)
+        if key not in pipes:
+            pipes = {key: load_pipeline(model.split("_")[0] if model.startswith("sid") else model, teacher, weights)}
+        suffix = "" if seed is None else f"_seed{seed}"
+        run = out / "samples" / f"{model}{suffix}_nfe{nfe}"
+        summary = sample_and_score(pipes[key], prompts, run, nfe, preset, args.guidance_scale)
+        save_grid(run, out / "grids" / f"{model}{suffix}_nfe{nfe}.png")
+        rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, "overall": summary["overall"],
+                     "categories": summary["categories"], "sec_per_image": summary["sec_per_image"],
+                     "train_minutes": train_minutes(weights) if seed is not None else None})
+        log(f"{model}{suffix} ({sampler}, {nfe} steps): overall {summary['overall']:.3f}")
     chance = chance_levels(preset.get("chance_per_tag", 300), resolution=preset["resolution"])
     seconds["sample_score"] = time.perf_counter() - start - sum(seconds.values())
     seconds["total"] = time.perf_counter() - start
-    report = write_report(out, rows, chance, args.mode, seconds)
+    budget = (f"{preset['minutes']:g} minutes of training each" if preset.get("minutes")
+              else f"{preset['steps']} steps each") + f", seeds {list(preset['seeds'])}"
+    report = write_report(out, rows, chance, args.mode, seconds, budget)
     print(report)
     log(f"done in {time.perf_counter() - start:.0f} s; image grids in {out / 'grids'}")
     return json.loads((out / "results.json").read_text())

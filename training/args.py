@@ -50,6 +50,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--train_batch_size", type=positive_int, default=4, help="per device")
     g.add_argument("--num_train_epochs", type=positive_int, default=1)
     g.add_argument("--max_train_steps", type=positive_int, default=None, help="overrides --num_train_epochs")
+    g.add_argument("--max_train_minutes", type=positive_float, default=None,
+                   help="also stop (with the final checkpoint and export) after this much training time of this launch")
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--max_grad_norm", type=nonnegative_float, default=1.0, help="0 disables clipping")

@@ -448,6 +448,8 @@ class Trainer:
 
     def save(self) -> Path:
         step = self.state["global_step"]
+        if getattr(self, "_clock", None) is not None:  # training wall time over every launch, up to this checkpoint
+            self.state["train_seconds"] = self._seconds_before + time.perf_counter() - self._clock
         rank_state = {"generator": self.generator.get_state(), "method": self.method.rank_state()}
         path = save_checkpoint(self.accelerator, Path(self.args.output_dir), step, self.state, rank_state,
                                lambda tmp: self.export(tmp, step), self.args.checkpoints_total_limit)
@@ -519,6 +521,8 @@ class Trainer:
                    desc=self.method.name)
         consecutive_bad = 0
         images_per_step = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
+        started = self._clock = time.perf_counter()
+        self._seconds_before = state.get("train_seconds", 0.0)
         while state["global_step"] < args.max_train_steps:
             tick = time.perf_counter()
             logs, skipped = self.train_step()
@@ -548,6 +552,9 @@ class Trainer:
                 self.save()
             if args.validation_prompt and args.validation_steps and step % args.validation_steps == 0:
                 self.validate()
+            if args.max_train_minutes and self._any_rank(time.perf_counter() - started >= 60 * args.max_train_minutes):
+                logger.info("--max_train_minutes %g reached at step %d", args.max_train_minutes, step)
+                break
         bar.close()
         final = self.finish()
         acc.end_training()
@@ -560,6 +567,7 @@ class Trainer:
         if not (out / f"checkpoint-{step}").exists():
             self.save()
         if self.accelerator.is_main_process:
+            self.state["train_seconds"] = self._seconds_before + time.perf_counter() - self._clock
             meta = self.method.export_metadata()
             self._with_ema(lambda: export_transformer(self.exported_transformer(), out / "transformer", None, meta))
             (out / "training_summary.json").write_text(json.dumps(self.state, indent=1))
