@@ -19,3 +19,7 @@ torchrun --nproc_per_node "$NPROC" test_flux8b.py \
     --max_sequence_length 256 \
     --batch_size 4 \
     --output_dir "$OUT_DIR"
+# SCORE=1: score the folder with GenEval's rules right away (script/geneval_score.sh)
+if [ "${SCORE:-0}" = 1 ]; then
+  bash script/geneval_score.sh "$OUT_DIR/GenEval_RESOLUTION${RES}_NFE${NFE}_cfg$(python -c "print(float('$CFG'))")/images/global_steps0"
+fi

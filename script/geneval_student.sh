@@ -21,3 +21,10 @@ torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29331}" "$SCRIP
   --resolution "$RESOLUTION" --num_inference_steps $NFE --guidance_scale "$CFG" \
   --output_dir "$CKPT_PATH/GenEval" \
   --resume_path "$CKPT_PATH/ckpts/transformer_${CKPT_ITER}.pt"
+# SCORE=1: score each folder with GenEval's rules right away (script/geneval_score.sh)
+if [ "${SCORE:-0}" = 1 ]; then
+  G=$(python -c "print(float('$CFG'))")
+  for n in $NFE; do
+    bash script/geneval_score.sh "$CKPT_PATH/GenEval/GenEval_RESOLUTION${RESOLUTION}_NFE${n}_cfg${G}/images/global_steps${CKPT_ITER}"
+  done
+fi

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,10 @@ def files(tiny_flux, tmp_path_factory):
     (tmp / "prompts.txt").write_text("a photo of a red circle\na photo of two squares\n")
     (tmp / "not_geneval").mkdir()
     (tmp / "not_geneval" / "image.png").write_bytes(b"")
+    (tmp / "geneval" / "00000" / "samples").mkdir(parents=True)
+    (tmp / "geneval" / "00000" / "metadata.jsonl").write_text(json.dumps({"tag": "single_object", "prompt": "a cat",
+                                                                          "include": [{"class": "cat", "count": 1}]}))
+    Image.new("RGB", (16, 16)).save(tmp / "geneval" / "00000" / "samples" / "0000.png")
     two_process = tmp / "run2" / "checkpoint-2"  # what a 2-process run leaves (the check reads only this file)
     two_process.mkdir(parents=True)
     (two_process / "trainer_state.json").write_text(json.dumps({"global_step": 2, "num_processes": 2}))
@@ -86,7 +91,7 @@ def cases(f):
         ("student checkpoint is a text file",
          ["test_sCM.py", *sample_args(f, **{"--resume_path": str(tmp / "notes.pt")})], "not a file written by torch.save"),
         ("scoring a folder that is not GenEval layout", ["-m", "toyworld.scorer", str(tmp / "not_geneval")],
-         "no GenEval prompt folders"),
+         "not a GenEval-layout folder"),
     ]
 
 
@@ -123,6 +128,10 @@ def more_cases(f):
         ("train_sid", sid_args(f, {"--kappa2": "2", "--kappa3": "1"}), "kappa2"),
         ("test_sid", sample_args(f, **{"--resume_path": str(tmp / "notes.pt"), "--noise_type": "blue"}),
          "--noise_type"),
+        ("evaluate_geneval.py", [str(tmp / "not_geneval"), "--detector", "toy"], "not a GenEval-layout folder"),
+        ("evaluate_geneval.py", [str(tmp / "geneval"), "--detector", "yolo"], "--detector"),
+        ("evaluate_geneval.py", [str(tmp / "geneval"), "--detector_model", "facebook/no-such-model"],
+         "could not be loaded (HF_HUB_OFFLINE is set"),
         ("script/make_tiny_flux.py", ["--output_dir", str(tmp / "t"), "--size", "huge"], "--size"),
         ("toyworld.world", ["dataset", "--output_dir", str(tmp / "w"), "--num_images", "0"], "--num_images"),
         ("toyworld.world", ["eval", "--output", str(tmp / "e.jsonl"), "--per_tag", "0"], "--per_tag"),

@@ -35,9 +35,9 @@ def fake_torchrun(tmp_path_factory):
     return bin_dir
 
 
-def run_script(fake_torchrun, *args):
+def run_script(fake_torchrun, *args, env=None):
     env = {**os.environ, "PATH": f"{fake_torchrun}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
-                                 f"{os.environ['PATH']}", "NPROC": "2"}
+                                 f"{os.environ['PATH']}", "NPROC": "2", **(env or {})}
     result = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
@@ -88,3 +88,15 @@ def test_train_sid_and_geneval_sid_scripts(fake_torchrun):
     out = run_script(fake_torchrun, "script/geneval_sid.sh", "/runs/sid", "5000", "1", "4")
     assert out["script"] == "test_sid.py" and out["args"]["num_inference_steps"] == [1, 4]
     assert out["args"]["resume_path"] == "/runs/sid/ckpts/transformer_5000.pt"
+
+
+def test_geneval_score_script_and_the_score_chain(fake_torchrun):
+    out = run_script(fake_torchrun, "script/geneval_score.sh", "/runs/x/images/global_steps0")
+    assert out["script"] == "evaluate_geneval.py" and out["args"]["run_dir"] == "/runs/x/images/global_steps0"
+    assert out["args"]["detector"] == "mask2former" and out["args"]["batch_size"] == 8
+    env = {"SCORE": "1"}
+    out = run_script(fake_torchrun, "script/geneval_sid.sh", "/runs/sid", "5000", "2", env=env)
+    assert out["script"] == "evaluate_geneval.py"
+    assert out["args"]["run_dir"] == "/runs/sid/GenEval/GenEval_RESOLUTION512_NFE2_cfg3.5/images/global_steps5000"
+    out = run_script(fake_torchrun, "script/geneval_flux8b.sh", "/out", "28", "4", "512", env=env)
+    assert out["args"]["run_dir"] == "/out/GenEval_RESOLUTION512_NFE28_cfg4.0/images/global_steps0"

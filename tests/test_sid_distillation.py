@@ -250,15 +250,15 @@ def test_discriminator_logits_and_gan_losses_by_hand():
     assert torch.allclose(bce_per_sample(torch.tensor([[[30.0, -30.0]]]), 1.0, 10.0),
                           torch.tensor([(math.log1p(math.exp(-10)) + math.log1p(math.exp(10))) / 2]))
 
-    def bce(l, y):  # by hand: -[y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))]
-        p = 1 / (1 + math.exp(-l))
+    def bce(logit, y):  # by hand: -[y log sigmoid(logit) + (1 - y) log(1 - sigmoid(logit))]
+        p = 1 / (1 + math.exp(-logit))
         return -(y * math.log(p) + (1 - y) * math.log(1 - p))
 
     real, fake = torch.tensor([[[0.5, -1.0]], [[2.0, 0.0]]]), torch.tensor([[[-0.3, 12.0]], [[1.0, 1.0]]])
     x_g = torch.zeros(2, 3, 4)  # C h w = 12 elements per sample
     V, eps = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
     loss, logs = fake_score_loss(V, x_g, eps, SiDConfig(lsd=1.0), fake, real)
-    by_hand = sum(0.5 * (sum(bce(l, 1) for l in r[0].tolist()) / 2 + sum(bce(min(l, 10), 0) for l in f[0].tolist())
+    by_hand = sum(0.5 * (sum(bce(v, 1) for v in r[0].tolist()) / 2 + sum(bce(min(v, 10), 0) for v in f[0].tolist())
                          / 2) for r, f in zip(real, fake)) * 12 / 2
     assert math.isclose(logs["loss_discriminator"].item(), by_hand, rel_tol=1e-5)
 
@@ -267,7 +267,7 @@ def test_discriminator_logits_and_gan_losses_by_hand():
     s = torch.tensor([0.4, 0.6])
     y = torch.zeros(2, 3, 4)
     total, logs = generator_loss(x_g, s, y, y, SiDConfig(lsg_gan=2.0), gan_mix=0.5, logits_generated=fake)
-    adv = sum(sum(bce(min(l, 10), 1) for l in f[0].tolist()) / 2 * (1 - si) for f, si in zip(fake, s.tolist()))
+    adv = sum(sum(bce(min(v, 10), 1) for v in f[0].tolist()) / 2 * (1 - si) for f, si in zip(fake, s.tolist()))
     assert math.isclose(logs["loss_adversarial"].item(), adv * 12 / 2 * 2.0, rel_tol=1e-5)
     assert math.isclose(total.item(), 0.5 * logs["loss_adversarial"].item(), rel_tol=1e-6)  # L_G is 0 here
 

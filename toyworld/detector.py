@@ -16,13 +16,14 @@ Pipeline of `ShapeDetector.detect`:
    centroid survive blur, and sub-pixel coverage keeps 8-px circles apart from squares. Blobs with a
    bounding-box aspect ratio above `max_aspect` or a best IoU below `min_iou` are not objects.
 
-`Detector` is the interface the scorer uses, so a learned detector can replace this one.
+`ShapeDetector` implements evaluation.geneval_rules.Detector, the interface GenEval's rules use, so a learned
+detector (evaluation.detectors.Mask2FormerDetector) can replace it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 from PIL import Image
@@ -66,12 +67,6 @@ class Detection:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class Detector(Protocol):
-    def detect(self, image: Image.Image) -> list[Detection]:
-        """Detections in `image`, most confident first."""
-        ...
 
 
 def blend_alphas(pixels: np.ndarray, palette: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +149,14 @@ def fit_shapes(soft: np.ndarray, window: tuple[int, int, int, int]) -> dict[str,
 
 
 class ShapeDetector:
-    """The analytic detector; its thresholds are relative, so it works at any resolution."""
+    """The analytic detector; its thresholds are relative, so it works at any resolution.
+
+    As a GenEval detector (evaluation.geneval_rules.Detector) it keeps every detection (no score thresholds: its
+    scores are shape-fit IoUs of accepted shapes) and reads colours from its own colour segmentation.
+    """
+
+    name = "toy"
+    thresholds = (0.0, 0.0)
 
     def __init__(
         self,
@@ -172,6 +174,12 @@ class ShapeDetector:
         self.min_area_fraction = min_area_fraction
         self.min_iou = min_iou
         self.max_aspect = max_aspect
+
+    def detect_batch(self, images: list[Image.Image]) -> list[list[Detection]]:
+        return [self.detect(image) for image in images]
+
+    def classify_colors(self, image, detections: list[Detection], class_name: str) -> list[str]:
+        return [d.color for d in detections]
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """Detections in `image`, best shape fit first."""
