@@ -3,8 +3,10 @@
 Objects are `SHAPES` in `COLORS` on a plain light-gray `BACKGROUND`, axis-aligned, never overlapping
 (rejection sampling with a margin), sized 25-37.5% of the image side (16-24 px at 64 px, 8-12 px at
 32 px; at most 31% with three or more objects), and drawn 4x supersampled then box-downsampled, so edges
-are anti-aliased like a generated image's. Three shapes only: a diamond was tried as a fourth and is the
-first to be mistaken for a circle once images are blurred.
+are anti-aliased like a generated image's. Five shapes: circle, square, triangle, cross (arms 0.4 of the side)
+and ring (hole 0.5 of the side), so that a category's chance level is low enough to read a score against (single
+object: 1/5); the analytic detector reads all five exactly at 64 and 32 px, also blurred. A diamond was tried
+and is the first to be mistaken for a circle once images are blurred.
 
 Prompts and metadata follow GenEval's templates and keys (`tag`, `include` [{class, count, color?,
 position?}], `exclude` for counting, `prompt`):
