@@ -143,10 +143,36 @@ def stage_rescale(out: Path, teacher: Path, data: Path, preset: dict, rescale: b
                                            "--eval_batches", "1"], out / "rescale" / "rescaled.pt")
 
 
-def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: dict, guidance: float) -> dict:
+def _train_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
+    """Run training jobs (module, argv, done marker) as subprocesses, `parallel` at a time, each with its share
+    of the cores (OMP_NUM_THREADS); a job whose marker exists is reused."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+
+    def run(job):
+        module, argv, done = job
+        if done.exists():
+            log(f"reusing {done}")
+            return
+        log(f"{module} -> {done.parent} ({threads} thread(s))")
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)}
+        result = subprocess.run([sys.executable, str(ROOT / f"{module}.py"), *argv], cwd=ROOT, env=env,
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{module} {done.parent} failed:\n{result.stderr[-3000:]}")
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(run, jobs))
+
+
+def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: dict, guidance: float,
+                  parallel: int = 1) -> dict:
     """Every student of the preset for every seed; students learn the teacher at the guidance they are evaluated
-    at (METHODS 8, item 18). Returns {(student, seed): export folder}."""
-    trained = {}
+    at (METHODS 8, item 18). With `parallel` > 1 the students train as subprocesses that many at a time, each on
+    its share of the cores (the time budget is then per student on fewer cores). Returns {(student, seed): export}."""
+    trained, jobs = {}, []
     for name in preset["students"]:
         module, sampler, flags = STUDENTS[name]
         for seed in preset["seeds"]:
@@ -160,7 +186,13 @@ def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: 
             else:  # SiD: data-free (the captions of the training set, no image), from the original x1000 teacher
                 args += SID_FLAGS + ["--teacher_guidance", str(guidance), "--generator_guidance", str(guidance),
                                      "--fake_guidance", str(guidance)]
-            trained[(name, seed)] = _train(module, args, run / "transformer")
+            trained[(name, seed)] = run / "transformer"
+            jobs.append((module, args, run / "transformer"))
+    if parallel > 1:
+        _train_jobs(jobs, parallel)
+    else:
+        for module, args, done in jobs:
+            _train(module, args, done)
     return trained
 
 
@@ -319,7 +351,7 @@ def train_minutes(export: Path) -> float | None:
 
 
 def main(argv=None) -> dict:
-    from common.cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int
+    from common.cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(PRESETS), default="full")
@@ -330,11 +362,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--rescale", action="store_true", help="make the x1 twin with train_rescale.py here")
     parser.add_argument("--guidance_scale", type=nonnegative_float, default=3.5)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="train this many students at once, each on its share of the cores")
+    parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=None, help="default: the preset's")
+    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, help="default: the preset's")
+    parser.add_argument("--minutes", type=positive_float, default=None, help="training budget per student")
     args = parser.parse_args(argv)
     if args.teacher_dir and not (Path(args.teacher_dir) / "model_index.json").exists():
         raise UsageError(f"--teacher_dir {args.teacher_dir} is not a toy teacher folder (no model_index.json); "
                          "pass the folder of a toy teacher, or drop the flag to use the shipped one")
-    preset = PRESETS[args.mode]
+    preset = dict(PRESETS[args.mode])
+    preset.update({k: v for k, v in (("students", args.students), ("seeds", args.seeds), ("minutes", args.minutes))
+                   if v is not None})
     build = args.build_teacher or preset.get("build_teacher", False)
     if not build and not args.teacher_dir and not (SHIPPED_TEACHER / "model_index.json").exists():
         log(f"no shipped toy teacher in {SHIPPED_TEACHER}: building the {args.mode} preset's teacher here")
@@ -351,7 +390,7 @@ def main(argv=None) -> dict:
     preset = {**preset, "resolution": built["resolution"], "max_sequence_length": built["max_sequence_length"]}
     data, eval_file = stage_data(out, preset, args.seed)
     rescaled = stage_rescale(out, teacher, data, preset, args.rescale or build)
-    trained = stage_distill(out, teacher, rescaled, data, preset, args.guidance_scale)
+    trained = stage_distill(out, teacher, rescaled, data, preset, args.guidance_scale, args.jobs)
     seconds["data_rescale_distill"] = time.perf_counter() - start - seconds["teacher"]
     log(f"training stages done ({time.perf_counter() - start:.0f} s)")
 
@@ -383,7 +422,9 @@ def main(argv=None) -> dict:
     seconds["sample_score"] = time.perf_counter() - start - sum(seconds.values())
     seconds["total"] = time.perf_counter() - start
     budget = (f"{preset['minutes']:g} minutes of training each" if preset.get("minutes")
-              else f"{preset['steps']} steps each") + f", seeds {list(preset['seeds'])}"
+              else f"{preset['steps']} steps each") + f", seeds {list(preset['seeds'])}" + (
+        f", {args.jobs} at a time on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each" if args.jobs > 1
+        else "")
     report = write_report(out, rows, chance, args.mode, seconds, budget)
     print(report)
     log(f"done in {time.perf_counter() - start:.0f} s; image grids in {out / 'grids'}")
