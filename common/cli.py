@@ -75,36 +75,25 @@ def _number(kind: Callable, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def checked(kind: Callable, accept: Callable[[float], bool], requirement: str, name: str) -> Callable[[str], float]:
+    """An argparse type: `kind` parsed from text (finite), refused unless `accept(value)` ("must <requirement>")."""
+    def parse(text: str):
+        value = _number(kind, text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {value:g}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    return _number(float, text)
+positive_int = checked(int, lambda v: v >= 1, "be >= 1", "positive_int")
+nonnegative_int = checked(int, lambda v: v >= 0, "be >= 0", "nonnegative_int")
+positive_float = checked(float, lambda v: v > 0, "be > 0", "positive_float")
+nonnegative_float = checked(float, lambda v: v >= 0, "be >= 0", "nonnegative_float")
+finite_float = checked(float, lambda v: True, "be finite", "finite_float")
+probability = checked(float, lambda v: 0 <= v <= 1, "lie in [0, 1]", "probability")  # a number in [0, 1]
+decay = checked(float, lambda v: 0 <= v < 1, "lie in [0, 1)", "decay")  # Adam betas, EMA decays
 
 
 def str2bool(value: str | bool) -> bool:
@@ -116,22 +105,6 @@ def str2bool(value: str | bool) -> bool:
     if value.lower() in ("0", "false", "no", "n"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
-
-
-def probability(text: str) -> float:
-    """A number in [0, 1]."""
-    value = _number(float, text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
-    return value
-
-
-def decay(text: str) -> float:
-    """A number in [0, 1) (Adam betas, EMA decays)."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value:g}")
-    return value
 
 
 def resolution(text: str) -> int:
