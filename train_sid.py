@@ -42,8 +42,10 @@ class SiD(DistillationMethod):
         super().__init__(args)
         self.needs_images = args.gan
         kappas = SiDConfig.preset(args.guidance_strategy, args.lsg_kappa, args.anti_cfg_scale)
-        kappas.update({f"kappa{i}": getattr(args, f"kappa{i}") for i in range(1, 5)
-                       if getattr(args, f"kappa{i}") is not None})
+        given = {f"kappa{i}": getattr(args, f"kappa{i}") for i in range(1, 5) if getattr(args, f"kappa{i}") is not None}
+        if ("kappa2" in given) != ("kappa3" in given):  # one fake-score scale in L_G: the other follows
+            given["kappa3" if "kappa2" in given else "kappa2"] = given.get("kappa2", given.get("kappa3"))
+        kappas.update(given)
         self.config = SiDConfig(
             num_generator_steps=args.num_generator_steps, init_time=args.init_time,
             time_shift=args.generator_time_shift, noise_type=args.noise_type, time_mean=args.sid_time_mean,
@@ -72,7 +74,7 @@ class SiD(DistillationMethod):
         teacher, fake, generator = load(dtype), load(torch.float32), load(torch.float32)
         self.time_input_scale = generator.config.time_input_scale
         hooks = [nan_to_num_hook(args.nan_to_num)] if args.nan_to_num else []
-        for net in (fake, generator):
+        for net in (fake, generator, teacher):  # the generator's gradient passes through the teacher too
             if args.gradient_checkpointing:
                 net.enable_gradient_checkpointing()
         fake_spec = NetworkSpec(fake, learning_rate=args.fake_learning_rate, max_grad_norm=args.fake_max_grad_norm,
@@ -86,7 +88,7 @@ class SiD(DistillationMethod):
 
     def phases(self):
         return [Phase("fake_score", self.fake_score_loss),
-                Phase("generator", self.generator_loss, active=self.generator_active)]
+                Phase("generator", self.generator_loss, active=self.generator_active, frozen=("fake_score",))]
 
     # ----- one iteration -----
     def images_seen(self, step: int) -> int:
@@ -121,9 +123,9 @@ class SiD(DistillationMethod):
         keep = finite_samples(x_g)  # non-finite samples are dropped and counted (METHODS 7.3)
         s = draw_noise_level(len(batch), generator, cfg).to(x_g.device)[keep]
         eps = torch.randn(x_g.shape, generator=generator).to(x_g.device)[keep]
-        real = (batch.x0[keep], batch.cond.index(keep)) if cfg.gan else (None, None)
+        x_real = batch.x0[keep] if cfg.gan else None  # real images, noised like x_g, with their own captions
         loss, logs = fake_score_objective(nets.wrapped("fake_score"), x_g[keep], s, eps, cond.index(keep),
-                                          self.empty, batch.img_ids, cfg, *real)
+                                          self.empty, batch.img_ids, cfg, x_real, batch_size=len(batch))
         return loss, {**logs, "k": float(k), "dropped_samples": float((~keep).sum())}
 
     def generator_loss(self, nets, teacher, batch, step, generator):
@@ -133,16 +135,9 @@ class SiD(DistillationMethod):
         keep = finite_samples(x_g)
         s = draw_noise_level(len(batch), generator, cfg).to(x_g.device)[keep]
         eps = torch.randn(x_g.shape, generator=generator).to(x_g.device)[keep]
-        fake = nets.plain("fake_score")
-        trained = [p for p in fake.parameters() if p.requires_grad]
-        for p in trained:  # frozen in this phase; gradients still flow through its input
-            p.requires_grad_(False)
-        try:
-            loss, logs = generator_objective(teacher, fake, x_g[keep], s, eps, batch.cond.index(keep), self.empty,
-                                             batch.img_ids, cfg, gan_mix)
-        finally:
-            for p in trained:
-                p.requires_grad_(True)
+        # the fake score is frozen through this phase (Phase.frozen); gradients flow through its input
+        loss, logs = generator_objective(teacher, nets.plain("fake_score"), x_g[keep], s, eps, batch.cond.index(keep),
+                                         self.empty, batch.img_ids, cfg, gan_mix, batch_size=len(batch))
         return loss, {**logs, "dropped_samples_generator": float((~keep).sum())}
 
     # ----- sampling settings, per-rank state -----

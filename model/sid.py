@@ -115,8 +115,8 @@ class SiDConfig:
             return dict(kappa1=lsg_kappa, kappa2=lsg_kappa, kappa3=lsg_kappa, kappa4=lsg_kappa)
         if strategy == "zero_cfg":
             return dict(kappa1=0.0, kappa2=0.0, kappa3=0.0, kappa4=1.0)
-        if strategy == "anti_cfg":
-            return dict(kappa1=0.0, kappa2=anti_cfg_scale, kappa3=anti_cfg_scale, kappa4=1.0)
+        if strategy == "anti_cfg":  # kappa1 = 1 (with prompt dropout): f_psi learns both branches kappa2 mixes
+            return dict(kappa1=1.0, kappa2=anti_cfg_scale, kappa3=anti_cfg_scale, kappa4=1.0)
         raise UsageError(f"--guidance_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
 
     @property
@@ -155,9 +155,11 @@ def generate(model, noise: Tensor, k: int, cond: PromptEmbeds, img_ids: Tensor, 
 # ----- guided predictions (METHODS 7.4) -----
 @contextmanager
 def capture_image_features(model):
-    """Collects the transformer's image-token features after `norm_out` (before `proj_out`): [B, L, D]."""
+    """Collects the transformer's image-token features after `norm_out` (before `proj_out`): [B, L, D]. `model`
+    may be DDP- or DeepSpeed-wrapped (the hook goes on the inner module)."""
     store: dict[str, Tensor] = {}
-    handle = model.norm_out.register_forward_hook(lambda module, args, out: store.__setitem__("features", out))
+    inner = model.module if hasattr(model, "module") else model
+    handle = inner.norm_out.register_forward_hook(lambda module, args, out: store.__setitem__("features", out))
     try:
         yield store
     finally:
@@ -173,6 +175,13 @@ def kappa_passes(x: Tensor, s: Tensor, kappa: float, cond: PromptEmbeds, empty: 
     if kappa == 0:
         return [(x, s, blank)]
     return [(x, s, cond), (x, s, blank)]
+
+
+def pass_index(kappa: float, on_prompts: bool) -> int | None:
+    """Where `kappa_passes(kappa)` has its pass on the prompts (with on_prompts False: on ""), or None."""
+    if on_prompts:
+        return None if kappa == 0 else 0
+    return 0 if kappa == 0 else (None if kappa == 1 else 1)
 
 
 def combine(outputs: list[Tensor], kappa: float) -> Tensor:
@@ -235,11 +244,13 @@ def bce_per_sample(logits: Tensor, target: float, clip: float) -> Tensor:
 
 
 def fake_score_loss(V_psi: Tensor, x_g: Tensor, eps: Tensor, config: SiDConfig,
-                    logits_fake: Tensor | None = None, logits_real: Tensor | None = None) -> tuple[Tensor, dict]:
+                    logits_fake: Tensor | None = None, logits_real: Tensor | None = None,
+                    batch_size: int | None = None) -> tuple[Tensor, dict]:
     """L_psi = sum_elements ||V_psi^kappa1(x_s, s, c) - (eps - sg(x_g))||^2 / B * ls (METHODS 7.3), where
     x_s = (1 - s) sg(x_g) + s eps; plus, with the GAN, the discriminator loss of the same pass (METHODS 7.6):
-    L_D = sum_b 1/2 [BCE(l_real, 1) + BCE(l_fake, 0)] * (C h w) / B * lsd."""
-    B, n = x_g.shape[0], x_g[0].numel()
+    L_D = sum_b 1/2 [BCE(l_real, 1) + BCE(l_fake, 0)] * (C h w) / B * lsd. B is the per-process batch
+    (`batch_size`, default the samples given: dropped non-finite samples still count)."""
+    B, n = batch_size or x_g.shape[0], x_g[0].numel()
     target = eps.float() - x_g.detach().float()
     loss_psi = (V_psi.float() - target).square().flatten(1).sum(1).sum() / B * config.ls
     logs = {"loss_fake_score": loss_psi.detach()}
@@ -261,15 +272,15 @@ def sid_weight(s: Tensor, x_g: Tensor, y_r: Tensor, config: SiDConfig) -> Tensor
 
 
 def generator_loss(x_g: Tensor, s: Tensor, y_r: Tensor, y_f: Tensor, config: SiDConfig, gan_mix: float = 0.0,
-                   logits_generated: Tensor | None = None) -> tuple[Tensor, dict]:
+                   logits_generated: Tensor | None = None, batch_size: int | None = None) -> tuple[Tensor, dict]:
     """L_G = sum_elements w (y_r - y_f) ((y_r - x_g) - alpha (y_r - y_f)) / B * lsg (METHODS 7.4).
 
     y_r (teacher, kappa4) and y_f (fake score, kappa2) are x0 predictions at x_s = (1 - s) x_g + s eps, computed
     with gradients through x_s; the networks' parameters are frozen in this phase. With the GAN, from the
     schedule's point on (gan_mix = 1/2): (1 - gan_mix) L_G + gan_mix L_adv, L_adv = sum_b BCE(l_G, 1) w (C h w)
-    / B * lsg_gan (METHODS 7.6).
+    / B * lsg_gan (METHODS 7.6). B is the per-process batch (`batch_size`, default the samples given).
     """
-    B, n = x_g.shape[0], x_g[0].numel()
+    B, n = batch_size or x_g.shape[0], x_g[0].numel()
     w = sid_weight(s, x_g, y_r, config)
     diff = y_r - y_f
     loss_g = (w * diff * ((y_r - x_g) - config.alpha * diff)).flatten(1).sum(1).sum() / B * config.lsg
@@ -283,34 +294,49 @@ def generator_loss(x_g: Tensor, s: Tensor, y_r: Tensor, y_f: Tensor, config: SiD
 
 def fake_score_objective(fake, x_g: Tensor, s: Tensor, eps: Tensor, cond: PromptEmbeds, empty: PromptEmbeds,
                          img_ids: Tensor, config: SiDConfig, x_real: Tensor | None = None,
-                         real_cond: PromptEmbeds | None = None) -> tuple[Tensor, dict]:
+                         batch_size: int | None = None) -> tuple[Tensor, dict]:
     """The fake-score phase given x_g, s and eps: x_s = (1 - s) sg(x_g) + s eps, V_psi^kappa1 in one call of
-    `fake` (with the real branch (1 - s) x_real + s eps appended for the GAN), then `fake_score_loss`."""
+    `fake`; for the GAN, the real branch (1 - s) x_real + s eps is appended to the same call with the prompts of the
+    first pass (the real images' own captions, after the same dropout; "" when kappa1 = 0), so the discriminator's
+    real and fake logits differ by the image only. Then `fake_score_loss`."""
     x_g = x_g.detach()
     x_s = (1 - s[:, None, None]) * x_g + s[:, None, None] * eps
     passes = kappa_passes(x_s, s, config.kappa1, cond, empty)
     gan = x_real is not None
     if gan:
-        passes.append(((1 - s[:, None, None]) * x_real + s[:, None, None] * eps, s, real_cond))
+        passes.append(((1 - s[:, None, None]) * x_real + s[:, None, None] * eps, s, passes[0][2]))
     outputs, features = run_passes(fake, passes, config.fake_guidance, img_ids, capture=gan)
     V_psi = combine(outputs[:len(passes) - int(gan)], config.kappa1)
     logits = (discriminator_logits(features[0]), discriminator_logits(features[-1])) if gan else (None, None)
-    return fake_score_loss(V_psi, x_g, eps, config, *logits)
+    return fake_score_loss(V_psi, x_g, eps, config, *logits, batch_size=batch_size)
 
 
 def generator_objective(teacher, fake, x_g: Tensor, s: Tensor, eps: Tensor, cond: PromptEmbeds,
-                        empty: PromptEmbeds, img_ids: Tensor, config: SiDConfig,
-                        gan_mix: float = 0.0) -> tuple[Tensor, dict]:
+                        empty: PromptEmbeds, img_ids: Tensor, config: SiDConfig, gan_mix: float = 0.0,
+                        batch_size: int | None = None) -> tuple[Tensor, dict]:
     """The generator phase given x_g (with its graph), s and eps: x_s = (1 - s) x_g + s eps; y_r from the teacher
-    with kappa4, y_f from the fake score with kappa2 (its parameters frozen by the caller), then `generator_loss`."""
+    with kappa4, y_f from the fake score with kappa2 (its parameters frozen by the caller); samples whose y_r or
+    y_f is not finite are dropped; then `generator_loss`. With the GAN (gan_mix > 0), l_G comes from the fake
+    score's pass conditioned as the discriminator's passes are (the prompts, or "" when kappa1 = 0), added to
+    the same call when kappa2's passes lack it."""
     x_s = (1 - s[:, None, None]) * x_g + s[:, None, None] * eps
     v_r, _ = run_passes(teacher, kappa_passes(x_s, s, config.kappa4, cond, empty), config.teacher_guidance, img_ids)
-    v_f, features = run_passes(fake, kappa_passes(x_s, s, config.kappa2, cond, empty), config.fake_guidance,
-                               img_ids, capture=gan_mix > 0)
+    passes = kappa_passes(x_s, s, config.kappa2, cond, empty)
+    n_guided, gan_pass = len(passes), None
+    if gan_mix > 0:
+        on_prompts = config.kappa1 != 0  # how the discriminator's passes are conditioned
+        gan_pass = pass_index(config.kappa2, on_prompts)
+        if gan_pass is None:
+            passes += kappa_passes(x_s, s, 1.0 if on_prompts else 0.0, cond, empty)
+            gan_pass = n_guided
+    outputs, features = run_passes(fake, passes, config.fake_guidance, img_ids, capture=gan_pass is not None)
     y_r = x0_from_velocity(x_s, s, combine(v_r, config.kappa4))
-    y_f = x0_from_velocity(x_s, s, combine(v_f, config.kappa2))
-    logits = discriminator_logits(features[0]) if features else None
-    return generator_loss(x_g, s, y_r, y_f, config, gan_mix, logits)
+    y_f = x0_from_velocity(x_s, s, combine(outputs[:n_guided], config.kappa2))
+    ok = finite_samples(y_r) & finite_samples(y_f)
+    logits = discriminator_logits(features[gan_pass])[ok] if gan_pass is not None else None
+    loss, logs = generator_loss(x_g[ok], s[ok], y_r[ok], y_f[ok], config, gan_mix, logits,
+                                batch_size=batch_size or len(x_g))
+    return loss, {**logs, "dropped_predictions": float((~ok).sum())}
 
 
 def gan_schedule(images_seen: int, config: SiDConfig) -> tuple[bool, float]:

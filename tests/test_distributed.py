@@ -67,17 +67,15 @@ def test_two_processes_train_and_resume_exactly(tiny_flux, dataset, tmp_path, sc
         assert torch.equal(a[k], b[k]), k
 
 
-def test_sid_two_processes_ddp_and_zero2_resume_exactly_and_agree(tiny_flux, tmp_path):
-    """Two trained networks (generator and fake score, one engine each) under DDP and DeepSpeed ZeRO-2: a run
-    resumed from its step-1 checkpoint equals the straight run bitwise; every rank draws the same k; and fp32
-    ZeRO-2 agrees with DDP (same math, other reduction order)."""
+def test_sid_two_processes_ddp_and_zero2_resume_exactly_and_agree(tiny_flux, dataset, tmp_path):
+    """Two trained networks (generator and fake score, one engine each) under DDP and DeepSpeed ZeRO-2, with the
+    Diffusion-GAN on (step 0: L_G only, step 1: L_G + L_adv): a run resumed from its step-1 checkpoint equals the
+    straight run bitwise; every rank draws the same k; and fp32 ZeRO-2 agrees with DDP (same math, other
+    reduction order)."""
     import shutil
 
-    from toyworld.world import eval_metadata
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(m["prompt"] for m in eval_metadata(3, 0)) + "\n")  # 18 prompts
-    common = ["--pretrained_model_name_or_path", str(tiny_flux), "--prompts_file", str(prompts), "--resolution", "32",
+    common = ["--pretrained_model_name_or_path", str(tiny_flux), "--dataset_name", str(dataset), "--gan",
+              "--gan_generator_start_images", "0", "--gan_adv_start_images", "4", "--resolution", "32",
               "--train_batch_size", "2", "--max_sequence_length", "16", "--dataloader_num_workers", "0",
               "--report_to", "none", "--learning_rate", "1e-3", "--checkpointing_steps", "1", "--seed", "3",
               "--num_generator_steps", "3", "--max_train_steps", "2", "--fake_max_grad_norm", "0.5"]

@@ -127,7 +127,7 @@ def test_kappa_semantics_count_passes_and_prompts(kappa, calls, rows):
 def test_presets_set_the_kappas_they_claim():
     assert SiDConfig.preset("lsg", lsg_kappa=4.5) == dict(kappa1=4.5, kappa2=4.5, kappa3=4.5, kappa4=4.5)
     assert SiDConfig.preset("zero_cfg") == dict(kappa1=0.0, kappa2=0.0, kappa3=0.0, kappa4=1.0)
-    assert SiDConfig.preset("anti_cfg", anti_cfg_scale=-1.5) == dict(kappa1=0.0, kappa2=-1.5, kappa3=-1.5,
+    assert SiDConfig.preset("anti_cfg", anti_cfg_scale=-1.5) == dict(kappa1=1.0, kappa2=-1.5, kappa3=-1.5,
                                                                         kappa4=1.0)
     with pytest.raises(ValueError, match="guidance_strategy"):
         SiDConfig.preset("more_cfg")
@@ -281,17 +281,35 @@ def test_gan_schedule_thresholds():
     assert gan_schedule(0, SiDConfig()) == (True, 0.0)  # without the GAN the generator trains from the start
 
 
-def test_gan_passes_real_latents_with_the_same_noise_and_their_own_captions():
+@pytest.mark.parametrize("kappa1,seen", [(1.0, 1.0), (0.0, -3.0), (2.0, 1.0)])
+def test_gan_real_branch_shares_the_noise_and_the_prompts_of_the_fake_logits(kappa1, seen):
+    """The real latents are noised with the same s and eps and conditioned like the pass that gives the fake
+    logits (the prompts; "" when kappa1 = 0), in the same call, so real and fake logits differ by the image only."""
     model = CountingFlux(a=1.0, b=0.0)
     g = torch.Generator().manual_seed(4)
     x_g, eps, x_real = (torch.randn(2, 4, 8, generator=g) for _ in range(3))
     s = torch.tensor([0.3, 0.6])
-    cond, real_cond = prompts(2, 1.0), prompts(2, 7.0)
-    loss, logs = fake_score_objective(model, x_g, s, eps, cond, prompts(1, 0.0), image_ids(4, 4),
-                                      SiDConfig(gan=True), x_real, real_cond)
+    loss, logs = fake_score_objective(model, x_g, s, eps, prompts(2, 1.0), prompts(1, -3.0), image_ids(4, 4),
+                                      SiDConfig(gan=True, kappa1=kappa1), x_real)
     (call,) = model.calls
-    assert call["batch"] == 4 and (call["pooled"][2:, 0] == 7.0).all()
+    passes = 1 if kappa1 in (0, 1) else 2
+    assert call["batch"] == 2 * (passes + 1) and (call["pooled"][-2:, 0] == seen).all()
     assert "loss_discriminator" in logs and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kappa1,kappa2,calls_rows", [(1.0, 1.0, 2), (0.0, 1.0, 4), (0.0, -1.0, 4), (1.0, 0.0, 4)])
+def test_the_generators_adversarial_logits_use_the_discriminators_conditioning(kappa1, kappa2, calls_rows):
+    """l_G comes from a fake-score pass conditioned like the discriminator's (kappa1 = 0: ""), added to kappa2's
+    passes in the same call only when they lack it."""
+    teacher, fake = CountingFlux(), CountingFlux()
+    x_g = torch.randn(2, 4, 8, requires_grad=True)
+    config = SiDConfig(gan=True, kappa1=kappa1, kappa2=kappa2, kappa3=kappa2)
+    loss, logs = generator_objective(teacher, fake, x_g, torch.tensor([0.3, 0.6]), torch.randn(2, 4, 8),
+                                     prompts(2, 1.0), prompts(1, -3.0), image_ids(4, 4), config, gan_mix=0.5)
+    (call,) = fake.calls
+    assert call["batch"] == calls_rows and "loss_adversarial" in logs
+    loss.backward()
+    assert x_g.grad is not None and torch.isfinite(x_g.grad).all()
 
 
 def test_kappa_passes_order_prompts_first():
@@ -334,7 +352,8 @@ def train(argv):
 def test_data_free_training_resumes_exactly_and_exports_a_sampler(tiny_flux, prompts_file, tmp_path):
     """From a prompts file alone: 4 straight steps equal 2 + resume + 2 bitwise (both networks, both optimizers,
     the EMA, the random streams and k); the generator export samples 1/2/4 steps with test_sid.py."""
-    common = ("--checkpointing_steps", "2", "--ema_decay", "0.5", "--guidance_strategy", "anti_cfg")
+    common = ("--checkpointing_steps", "2", "--ema_decay", "0.5", "--guidance_strategy", "anti_cfg",
+              "--gradient_checkpointing")
     straight = train(sid_args(tiny_flux, prompts_file, tmp_path / "straight", "--max_train_steps", "4", *common))
     train(sid_args(tiny_flux, prompts_file, tmp_path / "resumed", "--max_train_steps", "2", *common))
     resumed = train(sid_args(tiny_flux, prompts_file, tmp_path / "resumed", "--max_train_steps", "4", *common,
@@ -364,3 +383,13 @@ def test_data_free_training_resumes_exactly_and_exports_a_sampler(tiny_flux, pro
     assert all(len(list(r.glob("0000[01]/samples/*.png"))) == 8 for r in runs)
     config = json.loads((runs[1] / "run_config.json").read_text())
     assert config["train_steps"] == 3 and config["noise_type"] == "fresh"  # read from the export
+
+
+def test_overriding_kappa2_sets_kappa3_and_anti_cfg_trains_both_branches():
+    import train_sid
+
+    base = ["--pretrained_model_name_or_path", "unused", "--prompts_file", str(Path(__file__))]
+    config = train_sid.SiD(train_sid.parse_args(base + ["--kappa2", "-2"])).config
+    assert (config.kappa1, config.kappa2, config.kappa3, config.kappa4) == (1.0, -2.0, -2.0, 1.0)
+    config = train_sid.SiD(train_sid.parse_args(base + ["--guidance_strategy", "anti_cfg"])).config
+    assert config.kappa1 == 1.0 and config.uses_prompt_dropout  # f_psi learns "" and c, which kappa2 = -1 mixes

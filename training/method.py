@@ -72,12 +72,14 @@ class Phase:
     """One update of an iteration: `loss(nets, teacher, batch, step, generator) -> (loss, logs)` trains `network`.
 
     `nets.plain(name)` is a network's module, `nets.wrapped(name)` its DDP/DeepSpeed-wrapped module (use it for the
-    forward whose gradients are trained). `active(step)` may skip the phase at some steps (e.g. a warm-up).
+    forward whose gradients are trained). `active(step)` may skip the phase at some steps (e.g. a warm-up); the
+    trained networks in `frozen` have requires_grad off from the loss's forward to the end of its backward.
     """
 
     network: str
     loss: Callable
     active: Callable[[int], bool] | None = None
+    frozen: tuple[str, ...] = ()  # other trained networks used by the loss, frozen through its forward and backward
 
 
 class DistillationMethod:

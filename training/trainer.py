@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -356,9 +356,22 @@ class Trainer:
             net.wrapped.set_gradient_accumulation_boundary(last)
             net.wrapped.backward(loss)
             return
-        sync = nullcontext() if last or not hasattr(net.wrapped, "no_sync") else net.wrapped.no_sync()
-        with sync:
-            self.accelerator.backward(loss)  # divides by the accumulation steps
+        self.accelerator.backward(loss)  # divides by the accumulation steps
+
+    @contextmanager
+    def _phase_context(self, phase, net: TrainedNetwork, last: bool):
+        """Around one micro-batch's loss and backward: DDP's no_sync before the last micro-batch (it must cover the
+        forward too), and the phase's other trained networks frozen (their inputs still carry gradients), so that
+        nothing accumulates into them and checkpointed blocks recompute exactly as they ran."""
+        frozen = [p for name in phase.frozen for p in self.nets[name].parameters()]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with net.wrapped.no_sync() if not last and hasattr(net.wrapped, "no_sync") else nullcontext():
+                yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     def run_phase(self, phase) -> dict | None:
         """One update of `phase.network` over --gradient_accumulation_steps batches; None if it was skipped."""
@@ -368,14 +381,15 @@ class Trainer:
         for micro in range(steps):
             last = micro == steps - 1
             batch = self.encode_batch(self.next_batch())
-            with acc.autocast():
-                loss, micro_logs = phase.loss(self.networks, self.teacher, batch, self.state["global_step"],
-                                              self.generator)
-            if self._any_rank(not torch.isfinite(loss).item()):
-                bad = True
-            elif not bad:
-                self._backward(net, loss, last)
-                backpropped += 1
+            with self._phase_context(phase, net, last):
+                with acc.autocast():
+                    loss, micro_logs = phase.loss(self.networks, self.teacher, batch, self.state["global_step"],
+                                                  self.generator)
+                if self._any_rank(not torch.isfinite(loss).item()):
+                    bad = True
+                elif not bad:
+                    self._backward(net, loss, last)
+                    backpropped += 1
             for k, v in {"loss": loss, **micro_logs}.items():
                 logs[k] = logs.get(k, 0.0) + torch.as_tensor(v).detach().float() / steps
         grad_norm = None
