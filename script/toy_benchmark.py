@@ -380,7 +380,7 @@ def main(argv=None) -> dict:
     preset = dict(PRESETS[args.mode])
     preset.update({k: v for k, v in (("students", args.students), ("seeds", args.seeds), ("minutes", args.minutes))
                    if v is not None})
-    build = args.build_teacher or preset.get("build_teacher", False)
+    build = args.build_teacher or (preset.get("build_teacher", False) and not args.teacher_dir)
     if not build and not args.teacher_dir and not (SHIPPED_TEACHER / "model_index.json").exists():
         log(f"no shipped toy teacher in {SHIPPED_TEACHER}: building the {args.mode} preset's teacher here")
         build = True

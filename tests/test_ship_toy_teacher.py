@@ -1,0 +1,75 @@
+"""Shipping a toy teacher: the pipeline plus its x1 twin, loadable through the normal loaders, used by the benchmark."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "script"))
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    import ship_toy_teacher
+    from toyworld.teacher import PRESETS, build_toy_teacher
+
+    tmp = tmp_path_factory.mktemp("ship")
+    build_toy_teacher(tmp / "built", PRESETS["smoke"], log=lambda msg: None)
+    dest = ship_toy_teacher.main(["--teacher_dir", str(tmp / "built"), "--dest", str(tmp / "toy_teacher"),
+                                  "--work_dir", str(tmp / "work"), "--rescale_steps", "2", "--data_images", "16",
+                                  "--batch", "4"])
+    return tmp, dest
+
+
+def test_shipped_folder_loads_strictly_and_samples(shipped):
+    from model.loading import load_state_dict_strict, load_transformer, read_state_dict
+    from model.pipeline import FluxEulerPipeline
+    from ship_toy_teacher import folder_megabytes
+
+    tmp, dest = shipped
+    assert not (dest / "build").exists() and not dest.with_name(dest.name + ".partial").exists()
+    assert folder_megabytes(dest) < 50
+    teacher = load_transformer(str(dest))
+    twin = load_transformer(str(dest), weights_path=dest / "transformer_x1", time_input_scale=1.0)
+    # the twin is the rescale run's export, bit for bit; the x1000 transformer is the build's
+    trained = read_state_dict(tmp / "work" / "rescale" / "transformer")
+    assert all(torch.equal(v, trained[k]) for k, v in twin.state_dict().items())
+    built = read_state_dict(tmp / "built" / "transformer")
+    assert all(torch.equal(v, built[k]) for k, v in teacher.state_dict().items())
+    # a wrong key set is refused, not skipped
+    with pytest.raises(Exception, match="unexpected|missing|Unexpected|Missing"):
+        load_state_dict_strict(load_transformer(str(dest)), {**trained, "extra.weight": torch.zeros(1)},
+                               source="test")
+    for transformer in (teacher, twin):
+        pipe = FluxEulerPipeline.from_pretrained(dest, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe(["a photo of a red ring"], num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=12,
+                     generator=torch.Generator().manual_seed(0)).images
+        assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
+
+
+def test_benchmark_uses_the_shipped_twin_instead_of_rescaling(shipped):
+    import toy_benchmark
+
+    tmp, dest = shipped
+    out = tmp / "bench"
+    result = toy_benchmark.main(["--mode", "smoke", "--teacher_dir", str(dest), "--output_dir", str(out),
+                                 "--students", "scm"])
+    assert not (out / "rescale").exists() and not (out / "teacher").exists()
+    models = {(row["model"], row["nfe"]) for row in result["rows"]}
+    assert models == {("teacher", 2), ("teacher_x1", 2), ("teacher", 1), ("scm", 1)}
+
+
+def test_shipping_refuses_unfinished_builds_and_overwrites(shipped, tmp_path):
+    tmp, dest = shipped
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "build").mkdir(parents=True)
+    for argv, message in ((["--teacher_dir", str(unfinished), "--dest", str(tmp_path / "d")], "not a finished"),
+                          (["--teacher_dir", str(tmp / "built"), "--dest", str(dest)], "already exists")):
+        proc = subprocess.run([sys.executable, str(ROOT / "script" / "ship_toy_teacher.py"), *argv],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
