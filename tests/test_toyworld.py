@@ -285,7 +285,9 @@ def test_prompts_use_number_words_and_plurals():
     counting = [world.sample_metadata("counting", rng) for _ in range(200)]
     for metadata in counting:
         count, shape = metadata["include"][0]["count"], metadata["include"][0]["class"]
-        expected = {1: f"one {shape}", 2: f"two {shape}s", 3: f"three {shape}s", 4: f"four {shape}s"}[count]
+        plural = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
+                  "ring": "rings"}[shape]
+        expected = {1: f"one {shape}", 2: f"two {plural}", 3: f"three {plural}", 4: f"four {plural}"}[count]
         assert metadata["prompt"] == f"a photo of {expected}"
     counts = [m["include"][0]["count"] for m in counting]
     assert set(counts) == {1, 2, 3, 4} and counts.count(1) < counts.count(2)

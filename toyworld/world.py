@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from data.synthetic import FORMATS, png_bytes, write_records
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
 CROSS_ARM = 0.4  # width of a cross's arms, as a fraction of its side
 RING_HOLE = 0.5  # diameter of a ring's hole, as a fraction of its side
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -103,7 +104,7 @@ def _pick_two(rng: np.random.Generator, options: Sequence[str]) -> tuple[str, st
 
 def count_phrase(shape: str, count: int) -> str:
     """'one circle', 'three triangles'."""
-    return f"{NUMBER_WORDS[count]} {shape}{'s' if count > 1 else ''}"
+    return f"{NUMBER_WORDS[count]} {shape if count == 1 else PLURALS[shape]}"
 
 
 def sample_metadata(tag: str, rng: np.random.Generator) -> dict:
