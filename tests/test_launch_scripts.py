@@ -100,3 +100,14 @@ def test_geneval_score_script_and_the_score_chain(fake_torchrun):
     assert out["args"]["run_dir"] == "/runs/sid/GenEval/GenEval_RESOLUTION512_NFE2_cfg3.5/images/global_steps5000"
     out = run_script(fake_torchrun, "script/geneval_flux8b.sh", "/out", "28", "4", "512", env=env)
     assert out["args"]["run_dir"] == "/out/GenEval_RESOLUTION512_NFE28_cfg4.0/images/global_steps0"
+
+
+def test_ci_runs_the_readme_test_command():
+    """CI must fail where a user following the README fails: .ci/run is the README's test command, verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Run the tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [block]
+    quickstart = readme.split("## Two commands for a fresh machine", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert quickstart.strip() == "bash script/quickstart.sh"

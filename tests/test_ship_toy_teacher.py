@@ -46,7 +46,8 @@ def test_shipped_folder_loads_strictly_and_samples(shipped):
     for transformer in (teacher, twin):
         pipe = FluxEulerPipeline.from_pretrained(dest, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)
-        image = pipe(["a photo of a red ring"], num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=12,
+        image = pipe(["a photo of a red ring"], num_inference_steps=2, height=32, width=32, output_type="pt",
+                     max_sequence_length=12,
                      generator=torch.Generator().manual_seed(0)).images
         assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
 
@@ -64,12 +65,22 @@ def test_benchmark_uses_the_shipped_twin_instead_of_rescaling(shipped):
 
 
 def test_shipping_refuses_unfinished_builds_and_overwrites(shipped, tmp_path):
+    import ship_toy_teacher
+    from common.cli import UsageError
+
     tmp, dest = shipped
     unfinished = tmp_path / "unfinished"
     (unfinished / "build").mkdir(parents=True)
-    for argv, message in ((["--teacher_dir", str(unfinished), "--dest", str(tmp_path / "d")], "not a finished"),
-                          (["--teacher_dir", str(tmp / "built"), "--dest", str(dest)], "already exists")):
-        proc = subprocess.run([sys.executable, str(ROOT / "script" / "ship_toy_teacher.py"), *argv],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "script" / "ship_toy_teacher.py"), "--teacher_dir",
+                           str(unfinished), "--dest", str(tmp_path / "d")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "not a finished toy teacher build" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    before = {p: p.stat().st_mtime for p in dest.rglob("*")}
+    with pytest.raises(UsageError, match="already exists; pass --force"):
+        ship_toy_teacher.main(["--teacher_dir", str(tmp / "built"), "--dest", str(dest)])
+    assert before == {p: p.stat().st_mtime for p in dest.rglob("*")}
+    with pytest.raises(UsageError, match="over --max_megabytes"):
+        ship_toy_teacher.main(["--teacher_dir", str(tmp / "built"), "--dest", str(dest), "--force",
+                               "--work_dir", str(tmp / "work"), "--rescale_steps", "2", "--data_images", "16",
+                               "--batch", "4", "--max_megabytes", "0.01"])
+    assert before == {p: p.stat().st_mtime for p in dest.rglob("*")}  # the shipped folder is left intact
