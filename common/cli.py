@@ -124,20 +124,20 @@ def looks_like_local_path(value: str) -> bool:
             or (os.sep != "/" and os.sep in value))
 
 
-def require_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
+def _require(path: str | os.PathLike, flag: str, hint: str, folder: bool) -> Path:
     path = Path(path).expanduser()
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+    if not (path.is_dir() if folder else path.is_file()):
+        what = ("is a file, not a folder" if folder else "is a folder, not a file") if path.exists() else "does not exist"
         raise MissingPathError(f"{flag} {path} {what}{'; ' + hint if hint else ''}")
     return path
+
+
+def require_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
+    return _require(path, flag, hint, folder=False)
 
 
 def require_dir(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise MissingPathError(f"{flag} {path} {what}{'; ' + hint if hint else ''}")
-    return path
+    return _require(path, flag, hint, folder=True)
 
 
 def check_pretrained_model(value: str, flag: str = "--pretrained_model_name_or_path") -> str:
