@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -64,7 +65,7 @@ PRESETS = {
                  students=tuple(STUDENTS), seeds=(0, 1), rescale_steps=1000),
     # quick: the README's first command (under 10 minutes from a fresh clone on 2 cores, setup included)
     "quick": dict(teacher=TEACHER_PRESETS["quick"], data_images=2000, eval_per_tag=24, batch=32, sid_batch=16,
-                  minutes=1.4,
+                  minutes=1.4, jobs=2,
                   students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=1000, teacher_x1_row=False,
                   chance_per_tag=150),
     "smoke": dict(teacher=TEACHER_PRESETS["smoke"], data_images=24, eval_per_tag=1, batch=4, minutes=None, steps=2,
@@ -247,8 +248,23 @@ def sample_and_score(pipe, prompts: list[dict], run: Path, nfe: int, preset: dic
     if written:
         timing.write_text(json.dumps({"sec_per_image": seconds / (4 * written)}))
     summary = score_folder(run, per_image_path=run.parent / f"{run.name}_results.jsonl")
+    summary["overall_se"] = overall_standard_error(run.parent / f"{run.name}_results.jsonl")
     summary["sec_per_image"] = json.loads(timing.read_text())["sec_per_image"] if timing.exists() else None
     return summary
+
+
+def overall_standard_error(results_jsonl: Path) -> float:
+    """Standard error of the overall score over held-out prompts: the images of one prompt are not independent,
+    so each tag's variance is that of its per-prompt means over its prompts; overall = mean of the tags."""
+    by_prompt: dict[tuple[str, str], list[bool]] = {}
+    for line in results_jsonl.read_text().splitlines():
+        record = json.loads(line)
+        by_prompt.setdefault((record["tag"], str(Path(record["filename"]).parent.parent)), []).append(record["correct"])
+    variance = 0.0
+    for tag in {tag for tag, _ in by_prompt}:
+        means = [statistics.mean(v) for (t, _), v in by_prompt.items() if t == tag]
+        variance += statistics.variance(means) / len(means) if len(means) > 1 else 0.0
+    return math.sqrt(variance) / len(TAGS)
 
 
 def save_grid(run: Path, path: Path, prompts: int = 8) -> None:
@@ -292,8 +308,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (model, sampler, nfe), group in grouped.items():
         overall = [r["overall"] for r in group]
         times = [r["train_minutes"] for r in group if r.get("train_minutes") is not None]
+        errors = [r.get("overall_se") or 0.0 for r in group]
         out.append({"model": model, "sampler": sampler, "nfe": nfe, "overall": statistics.mean(overall),
                     "spread": max(overall) - min(overall), "seeds": len(group),
+                    # 95% interval of the mean over seeds from the prompts' sampling error alone
+                    "ci95": 1.96 * math.sqrt(sum(e * e for e in errors)) / len(group),
                     "categories": {t: statistics.mean(r["categories"].get(t, float("nan")) for r in group)
                                    for t in TAGS},
                     "train_minutes": statistics.mean(times) if times else None,
@@ -312,14 +331,14 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
         return row["overall"] / teacher["overall"] if teacher["overall"] else float("nan")
 
     lines = [f"# Toy-world distillation benchmark ({mode})", "", f"Students: {budget}.", ""]
-    lines += ["| model | sampler | NFE | overall (seeds: mean, spread) | " + " | ".join(TAGS)
+    lines += ["| model | sampler | NFE | overall (seeds: mean, spread) | +-95% | " + " | ".join(TAGS)
               + " | vs teacher | train min | s/image |",
-              "|---|---|---|---|" + "---|" * len(TAGS) + "---|---|---|"]
+              "|---|---|---|---|---|" + "---|" * len(TAGS) + "---|---|---|"]
     for r in table:
         cats = " | ".join(f"{r['categories'][t]:.3f}" for t in TAGS)
         overall = f"{r['overall']:.3f}" + (f" (n={r['seeds']}, +-{r['spread'] / 2:.3f})" if r["seeds"] > 1 else "")
         minutes = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else ""
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {overall} | {cats} | {fraction(r):.2f} | "
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {overall} | {r['ci95']:.3f} | {cats} | {fraction(r):.2f} | "
                      f"{minutes} | {r['sec_per_image'] or float('nan'):.4f} |")
     lines += ["", "Chance level per category (a clean image for another prompt of the tag): "
               + ", ".join(f"{t} {v:.3f}" for t, v in chance.items()), "", "Bars:"]
@@ -368,8 +387,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rescale", action="store_true", help="make the x1 twin with train_rescale.py here")
     parser.add_argument("--guidance_scale", type=nonnegative_float, default=3.5)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--jobs", type=positive_int, default=1,
-                        help="train this many students at once, each on its share of the cores")
+    parser.add_argument("--jobs", type=positive_int, default=None,
+                        help="train this many students at once, each on its share of the cores (default: the preset's)")
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=None, help="default: the preset's")
     parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, help="default: the preset's")
     parser.add_argument("--minutes", type=positive_float, default=None, help="training budget per student")
@@ -380,6 +399,7 @@ def main(argv=None) -> dict:
     preset = dict(PRESETS[args.mode])
     preset.update({k: v for k, v in (("students", args.students), ("seeds", args.seeds), ("minutes", args.minutes))
                    if v is not None})
+    args.jobs = args.jobs or preset.get("jobs", 1)
     build = args.build_teacher or (preset.get("build_teacher", False) and not args.teacher_dir)
     if not build and not args.teacher_dir and not (SHIPPED_TEACHER / "model_index.json").exists():
         log(f"no shipped toy teacher in {SHIPPED_TEACHER}: building the {args.mode} preset's teacher here")
