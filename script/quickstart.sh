@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone: set up .venv and run the quick toy-world benchmark on a CPU with no download
-# (build a small FLUX-architecture teacher on the toy world, rescale it, distil it with sCM and MeanFlow,
-# sample the held-out GenEval-style prompts and score them with GenEval's rules).
+# (distil the shipped toy teacher, toyworld/toy_teacher, with sCM, MeanFlow and SiD, sample held-out
+# GenEval-style prompts with every model and score them with GenEval's rules).
 # It ends with the results table and the path of the image grids. Full mode: MODE=full.
 set -euo pipefail
 cd "$(dirname "$0")/.."

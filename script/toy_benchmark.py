@@ -308,7 +308,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (model, sampler, nfe), group in grouped.items():
         overall = [r["overall"] for r in group]
         times = [r["train_minutes"] for r in group if r.get("train_minutes") is not None]
-        errors = [r.get("overall_se") or 0.0 for r in group]
+        errors = [r["overall_se"] for r in group]
         out.append({"model": model, "sampler": sampler, "nfe": nfe, "overall": statistics.mean(overall),
                     "spread": max(overall) - min(overall), "seeds": len(group),
                     # 95% interval of the mean over seeds from the prompts' sampling error alone
@@ -441,6 +441,7 @@ def main(argv=None) -> dict:
         summary = sample_and_score(pipes[key], prompts, run, nfe, preset, args.guidance_scale)
         save_grid(run, out / "grids" / f"{model}{suffix}_nfe{nfe}.png")
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, "overall": summary["overall"],
+                     "overall_se": summary["overall_se"],
                      "categories": summary["categories"], "sec_per_image": summary["sec_per_image"],
                      "train_minutes": train_minutes(weights) if seed is not None else None})
         log(f"{model}{suffix} ({sampler}, {nfe} steps): overall {summary['overall']:.3f}")

@@ -25,6 +25,7 @@ def test_toy_benchmark_stages_run_end_to_end_and_resume(tmp_path):
         seed = "" if row["model"].startswith("teacher") else "_seed0"
         assert (out / "grids" / f"{row['model']}{seed}_nfe{row['nfe']}.png").exists()
         assert (row["train_minutes"] is None) == row["model"].startswith("teacher")
+    assert all(r["overall_se"] >= 0.0 for r in result["per_seed"])  # the interval is computed, not defaulted
     assert "| model | sampler | NFE | overall (seeds: mean, spread) | +-95% |" in (out / "results.md").read_text()
     teacher = out / "teacher"
     assert json.loads((teacher / "toy_teacher.json").read_text())["config"]["num_images"] == 48
