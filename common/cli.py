@@ -127,7 +127,8 @@ def looks_like_local_path(value: str) -> bool:
 def _require(path: str | os.PathLike, flag: str, hint: str, folder: bool) -> Path:
     path = Path(path).expanduser()
     if not (path.is_dir() if folder else path.is_file()):
-        what = ("is a file, not a folder" if folder else "is a folder, not a file") if path.exists() else "does not exist"
+        wrong_kind = "is a file, not a folder" if folder else "is a folder, not a file"
+        what = wrong_kind if path.exists() else "does not exist"
         raise MissingPathError(f"{flag} {path} {what}{'; ' + hint if hint else ''}")
     return path
 

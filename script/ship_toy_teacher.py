@@ -43,7 +43,8 @@ def ship(teacher: Path, dest: Path, work: Path, rescale_steps: int, data_images:
     if dest.exists() and not force:
         raise UsageError(f"{dest} already exists; pass --force to replace it")
     built = json.loads((teacher / "toy_teacher.json").read_text())
-    preset = {"resolution": built["config"]["resolution"], "max_sequence_length": built["config"]["max_sequence_length"],
+    config = built["config"]
+    preset = {"resolution": config["resolution"], "max_sequence_length": config["max_sequence_length"],
               "data_images": data_images, "eval_per_tag": 1, "batch": batch, "rescale_steps": rescale_steps}
     start = time.perf_counter()
     data, _ = toy_benchmark.stage_data(work, preset, seed=0)
@@ -56,10 +57,9 @@ def ship(teacher: Path, dest: Path, work: Path, rescale_steps: int, data_images:
         src = teacher / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, staging / part)
     shutil.copytree(twin, staging / toy_benchmark.SHIPPED_X1)
-    evaluation = work / "rescale" / "rescale_eval.json"
     built["x1_twin"] = {"made_by": "train_rescale.py", "steps": rescale_steps, "batch": batch,
                         "data_images": data_images, "seconds": time.perf_counter() - start,
-                        "evaluation": json.loads(evaluation.read_text()) if evaluation.exists() else None}
+                        "evaluation": json.loads((work / "rescale" / "rescale_eval.json").read_text())}
     (staging / "toy_teacher.json").write_text(json.dumps(built, indent=1))
     size = folder_megabytes(staging)
     if size > max_megabytes:

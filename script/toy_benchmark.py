@@ -338,8 +338,8 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
         cats = " | ".join(f"{r['categories'][t]:.3f}" for t in TAGS)
         overall = f"{r['overall']:.3f}" + (f" (n={r['seeds']}, +-{r['spread'] / 2:.3f})" if r["seeds"] > 1 else "")
         minutes = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else ""
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {overall} | {r['ci95']:.3f} | {cats} | {fraction(r):.2f} | "
-                     f"{minutes} | {r['sec_per_image'] or float('nan'):.4f} |")
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {overall} | {r['ci95']:.3f} | {cats} | "
+                     f"{fraction(r):.2f} | {minutes} | {r['sec_per_image'] or float('nan'):.4f} |")
     lines += ["", "Chance level per category (a clean image for another prompt of the tag): "
               + ", ".join(f"{t} {v:.3f}" for t, v in chance.items()), "", "Bars:"]
     ok = teacher["overall"] >= TEACHER_BAR and all(teacher["categories"][t] >= CHANCE_MULTIPLE * chance[t]
