@@ -18,6 +18,7 @@ Every stage uses the same scripts, loaders and pipelines as a FLUX.1-lite-8B run
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from toyworld.teacher import PRESETS as TEACHER_PRESETS  # noqa: E402
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHIPPED_TEACHER = ROOT / "toyworld" / "toy_teacher"
+SAMPLE_SEED = 42  # the held-out images' noise seeds (GenEval's default)
 SHIPPED_X1 = "transformer_x1"  # the rescaled twin, a diffusers transformer folder inside the teacher folder
 
 # Students: (name, training script, sampler, flags). Learning rates and schedules are each method's toy settings;
@@ -63,14 +65,20 @@ PRESETS = {
     "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=50, batch=32, sid_batch=16,
                  minutes=8.0,
                  students=tuple(STUDENTS), seeds=(0, 1), rescale_steps=1000),
-    # quick: the README's first command (under 10 minutes from a fresh clone on 2 cores, setup included)
-    "quick": dict(teacher=TEACHER_PRESETS["quick"], data_images=2000, eval_per_tag=24, batch=32, sid_batch=16,
-                  minutes=1.4, jobs=2,
+    # quick: the README's first command (under 10 minutes from a fresh clone on 2 cores, setup included): one
+    # image for each of 128 prompts per category (768 per row: for a fixed number of images, more prompts give a
+    # tighter interval than more images per prompt), the teacher's 28-step row from its record
+    "quick": dict(teacher=TEACHER_PRESETS["quick"], data_images=2000, eval_per_tag=128, images_per_prompt=1,
+                  batch=32, sid_batch=16, minutes=1.4, jobs=2,
                   students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=1000, teacher_x1_row=False,
-                  chance_per_tag=150),
+                  chance_per_tag=150, recorded_teacher_nfes=(28,), nfes=(1, 2),
+                  # MeanFlow's ~45 steps at batch 32 in 1.4 minutes are too few at lr 2e-4: on validation prompts
+                  # (eval seed 1, not the held-out seed 0) lr 6e-4 at batch 8 (~110 steps) gave 1/2 steps
+                  # 0.14/0.23 vs 0.07/0.21 (lr 6e-4 / batch 16: 0.10/0.24; 1e-3 / 16: 0.10/0.19)
+                  student_flags={"meanflow": ["--learning_rate", "6e-4", "--train_batch_size", "8"]}),
     "smoke": dict(teacher=TEACHER_PRESETS["smoke"], data_images=24, eval_per_tag=1, batch=4, minutes=None, steps=2,
                   students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=2, nfes=(1,), teacher_steps=2,
-                  chance_per_tag=10, build_teacher=True),
+                  chance_per_tag=10, build_teacher=True, recorded_teacher_nfes=(2,)),
 }
 # bars as fractions of the teacher's 28-step overall score (issues 11 and 12)
 BARS = {("scm", 2): 0.97, ("scm", 1): 0.90, ("meanflow", 4): 0.97, ("meanflow", 1): 0.70, ("sid", 4): 0.97,
@@ -193,6 +201,7 @@ def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: 
                 args += SID_FLAGS + ["--train_batch_size", str(preset.get("sid_batch", preset["batch"])),
                                      "--teacher_guidance", str(guidance), "--generator_guidance", str(guidance),
                                      "--fake_guidance", str(guidance)]
+            args += preset.get("student_flags", {}).get(name, [])  # the preset's own settings for this budget
             trained[(name, seed)] = run / "transformer"
             jobs.append((module, args, run / "transformer"))
     if parallel > 1:
@@ -233,24 +242,70 @@ def sample_and_score(pipe, prompts: list[dict], run: Path, nfe: int, preset: dic
     from evaluation.geneval import generate_geneval
     from toyworld.scorer import score_folder
 
-    resolution = preset["resolution"]
+    resolution, images = preset["resolution"], preset.get("images_per_prompt", 4)
 
     def generate(texts, generators):
         return pipe(prompt=texts, height=resolution, width=resolution, num_inference_steps=nfe,
-                    guidance_scale=guidance, num_images_per_prompt=4, generator=generators,
-                    max_sequence_length=preset["max_sequence_length"], transformer_batch_size=4).images
+                    guidance_scale=guidance, num_images_per_prompt=images, generator=generators,
+                    max_sequence_length=preset["max_sequence_length"],
+                    # one transformer call per prompt's images (4), or per 8 single images
+                    transformer_batch_size=images if images >= 4 else 8).images
 
     start = time.perf_counter()
-    written, _ = generate_geneval(generate, prompts, run, 4, batch_size=8, seed=42,
+    written, _ = generate_geneval(generate, prompts, run, images, batch_size=max(8, 32 // images), seed=SAMPLE_SEED,
                                   config={"nfe": nfe, "guidance": guidance})
     seconds = time.perf_counter() - start
     timing = run / "timing.json"
     if written:
-        timing.write_text(json.dumps({"sec_per_image": seconds / (4 * written)}))
+        timing.write_text(json.dumps({"sec_per_image": seconds / (images * written)}))
     summary = score_folder(run, per_image_path=run.parent / f"{run.name}_results.jsonl")
     summary["overall_se"] = overall_standard_error(run.parent / f"{run.name}_results.jsonl")
     summary["sec_per_image"] = json.loads(timing.read_text())["sec_per_image"] if timing.exists() else None
     return summary
+
+
+# What a teacher row's numbers depend on besides its settings: the code that samples, detects and scores.
+ROW_SOURCES = ("model/pipeline.py", "evaluation/geneval.py", "evaluation/geneval_rules.py", "toyworld/scorer.py",
+               "toyworld/detector.py", "toyworld/world.py")
+TEACHER_RECORD = "benchmark_rows.json"  # recorded teacher rows, inside the teacher folder
+TEACHER_PARTS = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                 "transformer", "vae")  # what the teacher pipeline loads
+
+
+def teacher_row_key(teacher: Path, eval_file: Path, nfe: int, preset: dict, guidance: float) -> str:
+    """A content hash of everything a teacher row depends on: the teacher pipeline's files (not its records, build
+    state or x1 twin), the held-out prompts, the sampling settings and the sampling/scoring code. Any change gives
+    another key."""
+    digest = hashlib.sha256()
+    files = sorted(p for part in TEACHER_PARTS for p in ([teacher / part] if (teacher / part).is_file()
+                                                         else (teacher / part).rglob("*")) if p.is_file())
+    for path in files + [eval_file] + [ROOT / s for s in ROW_SOURCES]:
+        name = path.relative_to(teacher) if path.is_relative_to(teacher) else path.name
+        digest.update(f"{name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    settings = {"nfe": nfe, "guidance": guidance, "images_per_prompt": preset.get("images_per_prompt", 4),
+                "resolution": preset["resolution"], "max_sequence_length": preset["max_sequence_length"],
+                "seed": SAMPLE_SEED}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def recorded_teacher_row(teacher: Path, key: str) -> dict | None:
+    record = teacher / TEACHER_RECORD
+    if not record.exists():
+        return None
+    return json.loads(record.read_text())["rows"].get(key)
+
+
+def record_teacher_rows(teacher: Path, rows: dict[str, dict]) -> Path:
+    """Merge sampled teacher rows into the teacher folder's record (written atomically)."""
+    record = teacher / TEACHER_RECORD
+    known = json.loads(record.read_text())["rows"] if record.exists() else {}
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"about": "teacher rows of script/toy_benchmark.py, keyed by a hash of the teacher, "
+                                        "the prompts, the settings and the scoring code (teacher_row_key)",
+                               "rows": {**known, **rows}}, indent=1, sort_keys=True))
+    os.replace(tmp, record)
+    return record
 
 
 def overall_standard_error(results_jsonl: Path) -> float:
@@ -267,16 +322,18 @@ def overall_standard_error(results_jsonl: Path) -> float:
     return math.sqrt(variance) / len(TAGS)
 
 
-def save_grid(run: Path, path: Path, prompts: int = 8) -> None:
+def save_grid(run: Path, path: Path, images: int = 32, columns: int = 4) -> None:
+    """The first `images` samples of a run (prompt-major), `columns` to a row."""
     from PIL import Image
 
-    folders = sorted(p for p in run.iterdir() if p.is_dir())[:prompts]
-    images = [[Image.open(f / "samples" / f"{j:04d}.png").convert("RGB") for j in range(4)] for f in folders]
-    w, h = images[0][0].size
-    grid = Image.new("RGB", (4 * w, len(images) * h), "white")
-    for i, row in enumerate(images):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * w, i * h))
+    files = [f for folder in sorted(p for p in run.iterdir() if p.is_dir())
+             for f in sorted((folder / "samples").glob("*.png"))][:images]
+    tiles = [Image.open(f).convert("RGB") for f in files]
+    w, h = tiles[0].size
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
@@ -316,7 +373,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "categories": {t: statistics.mean(r["categories"].get(t, float("nan")) for r in group)
                                    for t in TAGS},
                     "train_minutes": statistics.mean(times) if times else None,
-                    "sec_per_image": statistics.mean(r["sec_per_image"] for r in group)})
+                    "sec_per_image": statistics.mean(r["sec_per_image"] for r in group),
+                    # taken from the teacher's record (same teacher, prompts, settings and code), not sampled here
+                    "recorded": any(r.get("recorded", False) for r in group)})
     return out
 
 
@@ -338,8 +397,12 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
         cats = " | ".join(f"{r['categories'][t]:.3f}" for t in TAGS)
         overall = f"{r['overall']:.3f}" + (f" (n={r['seeds']}, +-{r['spread'] / 2:.3f})" if r["seeds"] > 1 else "")
         minutes = f"{r['train_minutes']:.1f}" if r["train_minutes"] is not None else ""
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {overall} | {r['ci95']:.3f} | {cats} | "
+        sampler = r["sampler"] + (" (recorded)" if r["recorded"] else "")
+        lines.append(f"| {r['model']} | {sampler} | {r['nfe']} | {overall} | {r['ci95']:.3f} | {cats} | "
                      f"{fraction(r):.2f} | {minutes} | {r['sec_per_image'] or float('nan'):.4f} |")
+    if any(r["recorded"] for r in table):
+        lines += ["", f"(recorded): the row is the teacher's record ({TEACHER_RECORD} in its folder) for exactly "
+                  "these prompts, sampling settings and sampling/scoring code; --resample_teacher samples it here."]
     lines += ["", "Chance level per category (a clean image for another prompt of the tag): "
               + ", ".join(f"{t} {v:.3f}" for t, v in chance.items()), "", "Bars:"]
     ok = teacher["overall"] >= TEACHER_BAR and all(teacher["categories"][t] >= CHANCE_MULTIPLE * chance[t]
@@ -392,6 +455,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=None, help="default: the preset's")
     parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, help="default: the preset's")
     parser.add_argument("--minutes", type=positive_float, default=None, help="training budget per student")
+    parser.add_argument("--resample_teacher", action="store_true",
+                        help="sample the teacher rows the preset would take from the teacher's record")
+    parser.add_argument("--record_teacher_rows", action="store_true",
+                        help=f"record the teacher rows sampled here in the teacher folder's {TEACHER_RECORD}")
     args = parser.parse_args(argv)
     if args.teacher_dir and not (Path(args.teacher_dir) / "model_index.json").exists():
         raise UsageError(f"--teacher_dir {args.teacher_dir} is not a toy teacher folder (no model_index.json); "
@@ -431,20 +498,35 @@ def main(argv=None) -> dict:
     plan += [("teacher", "euler", n, None, None) for n in nfes]
     plan += [(name, STUDENTS[name][1], n, trained[(name, seed)], seed) for name in preset["students"]
              for seed in preset["seeds"] for n in nfes]
-    rows, pipes = [], {}
+    rows, pipes, sampled_teacher = [], {}, {}
+    recorded_nfes = () if args.resample_teacher else preset.get("recorded_teacher_nfes", ())
     for model, sampler, nfe, weights, seed in plan:
-        key = (model, seed)
-        if key not in pipes:
-            pipes = {key: load_pipeline(model.split("_")[0] if model.startswith("sid") else model, teacher, weights)}
         suffix = "" if seed is None else f"_seed{seed}"
+        key = teacher_row_key(teacher, eval_file, nfe, preset, args.guidance_scale) if model == "teacher" else None
+        recorded = recorded_teacher_row(teacher, key) if key and nfe in recorded_nfes else None
+        if recorded:
+            log(f"teacher ({sampler}, {nfe} steps): overall {recorded['overall']:.3f}, recorded in "
+                f"{teacher / TEACHER_RECORD} for these prompts, settings and code (--resample_teacher to sample it)")
+            rows.append({**recorded, "recorded": True})
+            continue
+        if key and nfe in recorded_nfes:
+            log(f"teacher ({sampler}, {nfe} steps): no record for these prompts, settings and code: sampling it")
+        if (model, seed) not in pipes:
+            pipes = {(model, seed): load_pipeline(model.split("_")[0] if model.startswith("sid") else model, teacher,
+                                                  weights)}
         run = out / "samples" / f"{model}{suffix}_nfe{nfe}"
-        summary = sample_and_score(pipes[key], prompts, run, nfe, preset, args.guidance_scale)
+        summary = sample_and_score(pipes[(model, seed)], prompts, run, nfe, preset, args.guidance_scale)
         save_grid(run, out / "grids" / f"{model}{suffix}_nfe{nfe}.png")
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, "overall": summary["overall"],
                      "overall_se": summary["overall_se"],
                      "categories": summary["categories"], "sec_per_image": summary["sec_per_image"],
                      "train_minutes": train_minutes(weights) if seed is not None else None})
+        if key:
+            sampled_teacher[key] = {**rows[-1], "prompts": len(prompts),
+                                    "images_per_prompt": preset.get("images_per_prompt", 4)}
         log(f"{model}{suffix} ({sampler}, {nfe} steps): overall {summary['overall']:.3f}")
+    if args.record_teacher_rows and sampled_teacher:
+        log(f"recorded {len(sampled_teacher)} teacher row(s) in {record_teacher_rows(teacher, sampled_teacher)}")
     chance = chance_levels(preset.get("chance_per_tag", 300), resolution=preset["resolution"])
     seconds["sample_score"] = time.perf_counter() - start - sum(seconds.values())
     seconds["total"] = time.perf_counter() - start

@@ -51,3 +51,24 @@ def test_toy_benchmark_smoke_run_from_the_shipped_teacher(tmp_path):
     assert not (tmp_path / "teacher").exists() and not (tmp_path / "rescale").exists()
     assert {(r["model"], r["nfe"]) for r in result["rows"]} == {("teacher", 2), ("teacher_x1", 2), ("teacher", 1),
                                                                ("scm", 1), ("sid", 1)}
+
+
+def test_quick_preset_finds_the_shipped_teachers_recorded_rows(tmp_path):
+    """The quickstart takes the teacher's 28-step row from the shipped record; a change to the teacher, the
+    held-out prompts, the settings or the sampling/scoring code makes the record stale (the quickstart would then
+    sample the row itself, minutes slower): re-record it with
+    `python script/toy_benchmark.py --quick --resample_teacher --record_teacher_rows`."""
+    import toy_benchmark
+    from toyworld.world import write_eval_metadata
+
+    preset = toy_benchmark.PRESETS["quick"]
+    config = json.loads((SHIPPED / "toy_teacher.json").read_text())["config"]
+    preset = {**preset, "resolution": config["resolution"], "max_sequence_length": config["max_sequence_length"]}
+    eval_file = tmp_path / "eval_metadata.jsonl"
+    write_eval_metadata(eval_file, preset["eval_per_tag"], 0)
+    assert preset["recorded_teacher_nfes"]
+    for nfe in preset["recorded_teacher_nfes"]:
+        key = toy_benchmark.teacher_row_key(SHIPPED, eval_file, nfe, preset, 3.5)
+        row = toy_benchmark.recorded_teacher_row(SHIPPED, key)
+        assert row is not None, f"the shipped teacher has no recorded {nfe}-step row for the quick preset"
+        assert row["nfe"] == nfe and 0.0 < row["overall"] < 1.0
