@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT / "script"))
 
 import toy_benchmark  # noqa: E402
 
-PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                  "transformer", "vae", "toy_teacher.json")
+PIPELINE_PARTS = toy_benchmark.TEACHER_PARTS + ("toy_teacher.json",)
 
 
 def folder_megabytes(folder: Path) -> float:

@@ -505,14 +505,16 @@ def main(argv=None) -> dict:
     recorded_nfes = () if args.resample_teacher else preset.get("recorded_teacher_nfes", ())
     for model, sampler, nfe, weights, seed in plan:
         suffix = "" if seed is None else f"_seed{seed}"
-        key = teacher_row_key(teacher, eval_file, nfe, preset, args.guidance_scale) if model == "teacher" else None
-        recorded = recorded_teacher_row(teacher, key) if key and nfe in recorded_nfes else None
+        from_record = model == "teacher" and nfe in recorded_nfes
+        key = (teacher_row_key(teacher, eval_file, nfe, preset, args.guidance_scale)
+               if model == "teacher" and (from_record or args.record_teacher_rows) else None)
+        recorded = recorded_teacher_row(teacher, key) if from_record else None
         if recorded:
             log(f"teacher ({sampler}, {nfe} steps): overall {recorded['overall']:.3f}, recorded in "
                 f"{teacher / TEACHER_RECORD} for these prompts, settings and code (--resample_teacher to sample it)")
             rows.append({**recorded, "recorded": True})
             continue
-        if key and nfe in recorded_nfes:
+        if from_record:
             log(f"teacher ({sampler}, {nfe} steps): no record for these prompts, settings and code: sampling it")
         if (model, seed) not in pipes:
             pipes = {(model, seed): load_pipeline(model.split("_")[0] if model.startswith("sid") else model, teacher,
@@ -524,11 +526,11 @@ def main(argv=None) -> dict:
                      "overall_se": summary["overall_se"],
                      "categories": summary["categories"], "sec_per_image": summary["sec_per_image"],
                      "train_minutes": train_minutes(weights) if seed is not None else None})
-        if key:
+        if key and args.record_teacher_rows:
             sampled_teacher[key] = {**rows[-1], "prompts": len(prompts),
                                     "images_per_prompt": preset.get("images_per_prompt", 4)}
         log(f"{model}{suffix} ({sampler}, {nfe} steps): overall {summary['overall']:.3f}")
-    if args.record_teacher_rows and sampled_teacher:
+    if sampled_teacher:
         log(f"recorded {len(sampled_teacher)} teacher row(s) in {record_teacher_rows(teacher, sampled_teacher)}")
     chance = chance_levels(preset.get("chance_per_tag", 300), resolution=preset["resolution"])
     seconds["sample_score"] = time.perf_counter() - start - sum(seconds.values())
