@@ -385,3 +385,53 @@ def test_teacher_build_stopped_halfway_and_rerun_equals_one_straight_build(tmp_p
             assert file.read_bytes() == (tmp_path / "halves" / folder / file.name).read_bytes(), file
     with pytest.raises(ValueError, match="other settings"):
         build_toy_teacher(tmp_path / "halves", replace(config, flow_steps=8), log=None)
+
+
+def test_teacher_build_given_a_second_cycle_continues_and_equals_a_straight_two_cycle_build(tmp_path):
+    """A finished one-cycle build rerun with --flow_cycles 2 (stopped and rerun inside the new cycle too) equals
+    a straight two-cycle build; the second cycle restarts at its own peak rate and guidance-distils again."""
+    import json
+
+    from toyworld.teacher import PRESETS, build_toy_teacher, main
+
+    one = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=4, guidance_steps=2, batch=4,
+                  vae_batch=2, checkpoint_every=2, cycle_lr=3e-4, cycle_steps=3)
+    two = replace(one, flow_cycles=2)
+    build_toy_teacher(tmp_path / "straight", two, log=None)
+    build_toy_teacher(tmp_path / "grown", one, log=None)
+    first = {f.name: f.read_bytes() for f in (tmp_path / "grown" / "transformer").glob("*.safetensors")}
+    assert build_toy_teacher(tmp_path / "grown", two, log=None, stop_after=2) is None  # cycle 2: 0 -> 2
+    assert build_toy_teacher(tmp_path / "grown", two, log=None) is not None
+    build = tmp_path / "grown" / "build"
+    cycle2 = torch.load(build / "flow_cycle2.pt", weights_only=True)
+    assert cycle2["step"] == 3 and len(cycle2["losses"]) == 3
+    assert cycle2["schedule"]["base_lrs"] == [3e-4]  # the cycle's own peak, with a fresh schedule
+    assert torch.load(build / "guidance_cycle2.pt", weights_only=True)["step"] == 2
+    assert json.loads((build / "config.json").read_text())["flow_cycles"] == 2
+    for folder in ("transformer", "text_encoder", "text_encoder_2"):
+        for file in (tmp_path / "straight" / folder).glob("*.safetensors"):
+            assert file.read_bytes() == (tmp_path / "grown" / folder / file.name).read_bytes(), file
+    assert any(first[name] != (tmp_path / "grown" / "transformer" / name).read_bytes() for name in first)
+    with pytest.raises(ValueError, match="flow_cycles"):  # fewer cycles than the build has: refused
+        build_toy_teacher(tmp_path / "grown", one, log=None)
+    with pytest.raises(ValueError, match="cycle_lr"):  # a two-cycle build's restart settings are fixed
+        build_toy_teacher(tmp_path / "grown", replace(two, cycle_lr=1e-4, flow_cycles=3), log=None)
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path / "x"), "--preset", "smoke", "--cycle_lr", "0"])
+
+
+def test_teacher_build_made_before_cycles_existed_is_continued(tmp_path):
+    """A build whose config.json predates the cycle settings reads as one cycle and can be given a second."""
+    import json
+
+    from toyworld.teacher import PRESETS, build_toy_teacher
+
+    one = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=2, guidance_steps=0, batch=4,
+                  vae_batch=2, checkpoint_every=2, cycle_steps=2)
+    build_toy_teacher(tmp_path / "t", one, log=None)
+    path = tmp_path / "t" / "build" / "config.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("flow_cycles", "cycle_steps", "cycle_lr")}
+    path.write_text(json.dumps(old))
+    build_toy_teacher(tmp_path / "t", one, log=None)  # the same one-cycle build: accepted
+    assert build_toy_teacher(tmp_path / "t", replace(one, flow_cycles=2), log=None) is not None
+    assert torch.load(tmp_path / "t" / "build" / "flow_cycle2.pt", weights_only=True)["step"] == 2

@@ -68,6 +68,12 @@ class ToyTeacherConfig:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     flow_steps: int = 16000
+    # further cosine cycles of the flow stage (warm restarts), each from the previous cycle's EMA with a fresh
+    # optimiser: `cycle_steps` steps (0: flow_steps) at peak `cycle_lr`. A finished build can be given more
+    # cycles (rerun with a larger --flow_cycles): it continues from its flow stage and guidance-distils again.
+    flow_cycles: int = 1
+    cycle_steps: int = 0
+    cycle_lr: float = 5e-4
     guidance_steps: int = 1000
     batch: int = 64
     lr: float = 1e-3
@@ -107,6 +113,12 @@ def _log(log, msg: str) -> None:
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -190,11 +202,13 @@ class StageRunner:
         self.snapshot, self.snapshot_every, self.stop_after = snapshot, snapshot_every, stop_after
         self.steps_run = 0  # training steps taken by this invocation (all stages)
 
-    def run(self, stage: str, steps: int, modules: list[torch.nn.Module], loss_fn) -> tuple[list[float], bool]:
-        """Train the parameters of `modules` for `steps` steps of `loss_fn(idx)`; returns (losses, finished)."""
+    def run(self, stage: str, steps: int, modules: list[torch.nn.Module], loss_fn,
+            lr: float | None = None) -> tuple[list[float], bool]:
+        """Train the parameters of `modules` for `steps` steps of `loss_fn(idx)` (peak `lr`, default the
+        config's; 100 warm-up steps, cosine to 0); returns (losses, finished)."""
         config = self.config
         params = [p for module in modules for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=config.lr if lr is None else lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
         ema = [p.detach().clone() for p in params]
@@ -303,6 +317,12 @@ def train_transformer(components: dict, latents: torch.Tensor, captions: list[st
     history["flow"] = losses
     if not finished:
         return None
+    for cycle in range(2, config.flow_cycles + 1):  # warm restarts from the previous cycle's EMA
+        losses, finished = runner.run(f"flow_cycle{cycle}", config.cycle_steps or config.flow_steps, modules,
+                                      flow_loss, lr=config.cycle_lr)
+        history["flow"] = losses
+        if not finished:
+            return None
     for encoder in text.encoders():
         encoder.requires_grad_(False)
     if config.guidance_steps:
@@ -319,7 +339,8 @@ def train_transformer(components: dict, latents: torch.Tensor, captions: list[st
                 v_u = flux_velocity(frozen, x, tau, g, uncond, ids)
             return F.mse_loss(flux_velocity(transformer, x, tau, g, cond, ids), v_u + g[:, None, None] * (v_c - v_u))
 
-        losses, finished = runner.run("guidance", config.guidance_steps, [transformer], guidance_loss)
+        stage = "guidance" if config.flow_cycles == 1 else f"guidance_cycle{config.flow_cycles}"
+        losses, finished = runner.run(stage, config.guidance_steps, [transformer], guidance_loss)
         history["guidance"] = losses
         if not finished:
             return None
@@ -331,15 +352,26 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
     from common.cli import UsageError
 
     path = build / "config.json"
+    identity = config.identity()
     if path.exists():
         previous = json.loads(path.read_text())
-        changed = {k: (previous.get(k), v) for k, v in config.identity().items() if previous.get(k) != v}
+        # builds made before warm restarts existed have one cycle; their cycle settings were never used
+        previous.setdefault("flow_cycles", 1)
+        if previous["flow_cycles"] == 1:
+            for key in ("cycle_steps", "cycle_lr"):
+                previous.setdefault(key, identity[key])
+        # more cycles continue a build; the guidance stage after the new last cycle starts afresh
+        grown = previous["flow_cycles"] < config.flow_cycles
+        free = ("flow_cycles", "guidance_steps") if grown else ()
+        changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v and k not in free}
         if changed:
             raise UsageError(f"{build} holds a build with other settings {changed} (old, new); use another "
                              "--output_dir or delete it")
+        if grown:
+            _atomic_write_text(path, json.dumps(identity, indent=1))
     else:
         build.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config.identity(), indent=1))
+        _atomic_write_text(path, json.dumps(identity, indent=1))
 
 
 def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = None, log=print,
@@ -393,13 +425,19 @@ PRESETS = {
 
 
 def main(argv=None) -> None:
-    from common.cli import ArgumentParser, positive_int
+    from common.cli import ArgumentParser, positive_float, positive_int
 
     parser = ArgumentParser(description="Build (or continue building) the toy teacher.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--flow_steps", type=positive_int, default=None)
+    parser.add_argument("--flow_cycles", type=positive_int, default=None,
+                        help="cosine cycles of the flow stage; raising it on a finished build continues it")
+    parser.add_argument("--cycle_steps", type=positive_int, default=None,
+                        help="steps of each cycle after the first (default: --flow_steps)")
+    parser.add_argument("--cycle_lr", type=positive_float, default=None,
+                        help="peak learning rate of the cycles after the first")
     parser.add_argument("--guidance_steps", type=int, default=None)
     parser.add_argument("--stop_after", type=positive_int, default=None,
                         help="stop (resumably) after this many training steps of this run")
