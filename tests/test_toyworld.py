@@ -383,7 +383,7 @@ def test_teacher_build_stopped_halfway_and_rerun_equals_one_straight_build(tmp_p
     for folder in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         for file in (tmp_path / "straight" / folder).glob("*.safetensors"):
             assert file.read_bytes() == (tmp_path / "halves" / folder / file.name).read_bytes(), file
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings: flow_steps 6 \(asked 8\); continue it with --flow_steps 6"):
         build_toy_teacher(tmp_path / "halves", replace(config, flow_steps=8), log=None)
 
 
@@ -412,9 +412,9 @@ def test_teacher_build_given_a_second_cycle_continues_and_equals_a_straight_two_
         for file in (tmp_path / "straight" / folder).glob("*.safetensors"):
             assert file.read_bytes() == (tmp_path / "grown" / folder / file.name).read_bytes(), file
     assert any(first[name] != (tmp_path / "grown" / "transformer" / name).read_bytes() for name in first)
-    with pytest.raises(ValueError, match="flow_cycles"):  # fewer cycles than the build has: refused
+    with pytest.raises(ValueError, match="--flow_cycles 2"):  # fewer cycles than the build has: refused
         build_toy_teacher(tmp_path / "grown", one, log=None)
-    with pytest.raises(ValueError, match="cycle_lr"):  # a two-cycle build's restart settings are fixed
+    with pytest.raises(ValueError, match="--cycle_lr 0.0003"):  # a two-cycle build's restart settings are fixed
         build_toy_teacher(tmp_path / "grown", replace(two, cycle_lr=1e-4, flow_cycles=3), log=None)
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path / "x"), "--preset", "smoke", "--cycle_lr", "0"])

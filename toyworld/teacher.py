@@ -365,8 +365,13 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
         free = ("flow_cycles", "guidance_steps") if grown else ()
         changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v and k not in free}
         if changed:
-            raise UsageError(f"{build} holds a build with other settings {changed} (old, new); use another "
-                             "--output_dir or delete it")
+            def flag(value):
+                return " ".join(map(str, value)) if isinstance(value, list) else value
+
+            held = ", ".join(f"{k} {flag(old)} (asked {flag(new)})" for k, (old, new) in changed.items())
+            flags = " ".join(f"--{k} {flag(old)}" for k, (old, _) in changed.items())
+            raise UsageError(f"{build} holds a build with other settings: {held}; continue it with {flags}, or "
+                             "use another --output_dir")
         if grown:
             _atomic_write_text(path, json.dumps(identity, indent=1))
     else:
