@@ -292,6 +292,9 @@ def teacher_row_key(teacher: Path, eval_file: Path, nfe: int, preset: dict, guid
     return digest.hexdigest()
 
 
+RECORD_ONLY_KEYS = ("prompts", "images_per_prompt")  # what a record says about its row, not part of the row
+
+
 def recorded_teacher_row(teacher: Path, key: str) -> dict | None:
     record = teacher / TEACHER_RECORD
     if not record.exists():
@@ -512,7 +515,7 @@ def main(argv=None) -> dict:
         if recorded:
             log(f"teacher ({sampler}, {nfe} steps): overall {recorded['overall']:.3f}, recorded in "
                 f"{teacher / TEACHER_RECORD} for these prompts, settings and code (--resample_teacher to sample it)")
-            rows.append({**recorded, "recorded": True})
+            rows.append({**{k: v for k, v in recorded.items() if k not in RECORD_ONLY_KEYS}, "recorded": True})
             continue
         if from_record:
             log(f"teacher ({sampler}, {nfe} steps): no record for these prompts, settings and code: sampling it")

@@ -49,6 +49,7 @@ def test_toy_benchmark_stages_run_end_to_end_and_resume(tmp_path):
     reused = toy_benchmark.main(["--mode", "smoke", "--output_dir", str(out)])
     assert not (out / "samples" / "teacher_nfe2").exists()
     assert [{**r, "recorded": False} for r in reused["rows"]] == rows
+    assert [set(r) - {"recorded"} for r in reused["per_seed"]] == [set(r) - {"recorded"} for r in recorded["per_seed"]]
     assert [r["recorded"] for r in reused["rows"]] == [r["model"] == "teacher" and r["nfe"] == 2 for r in rows]
     assert "euler (recorded)" in (out / "results.md").read_text()
     resampled = toy_benchmark.main(["--mode", "smoke", "--output_dir", str(out), "--resample_teacher"])
