@@ -388,42 +388,53 @@ def test_teacher_build_stopped_halfway_and_rerun_equals_one_straight_build(tmp_p
 
 
 def test_teacher_build_given_a_second_cycle_continues_and_equals_a_straight_two_cycle_build(tmp_path):
-    """A finished one-cycle build rerun with --flow_cycles 2 (stopped and rerun inside the new cycle too) equals
-    a straight two-cycle build; the second cycle restarts at its own peak rate and guidance-distils again."""
-    import json
+    """A finished one-cycle build rerun with --flow_cycles 2 (stopped and rerun inside the new cycle and inside its
+    guidance stage) equals a straight two-cycle build; the second cycle restarts at its own peak rate and
+    guidance-distils again; while it runs, the folder does not pass for a finished teacher."""
+    import contextlib
+    import io
 
-    from toyworld.teacher import PRESETS, build_toy_teacher, main
+    from toyworld.teacher import CLI_SETTINGS, PRESETS, SUMMARY, build_toy_teacher, main
 
     one = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=4, guidance_steps=2, batch=4,
-                  vae_batch=2, checkpoint_every=2, cycle_lr=3e-4, cycle_steps=3)
-    two = replace(one, flow_cycles=2)
+                  vae_batch=2, checkpoint_every=2)  # default cycle settings, unused by one cycle
+    two = replace(one, flow_cycles=2, cycle_lr=3e-4, cycle_steps=3)
     build_toy_teacher(tmp_path / "straight", two, log=None)
     build_toy_teacher(tmp_path / "grown", one, log=None)
     first = {f.name: f.read_bytes() for f in (tmp_path / "grown" / "transformer").glob("*.safetensors")}
-    assert build_toy_teacher(tmp_path / "grown", two, log=None, stop_after=2) is None  # cycle 2: 0 -> 2
-    assert build_toy_teacher(tmp_path / "grown", two, log=None) is not None
     build = tmp_path / "grown" / "build"
+    assert build_toy_teacher(tmp_path / "grown", two, log=None, stop_after=2) is None  # cycle 2: 0 -> 2
+    assert not (tmp_path / "grown" / SUMMARY).exists()  # set aside: not a finished build until cycle 2 is saved
+    assert json.loads((build / "toy_teacher_cycles1.json").read_text())["config"]["flow_cycles"] == 1
+    # cycle 2: 2 -> 3, guidance 0 -> 1
+    assert build_toy_teacher(tmp_path / "grown", two, log=None, stop_after=2) is None
+    assert torch.load(build / "guidance_cycle2.pt", weights_only=True)["step"] == 1
+    assert build_toy_teacher(tmp_path / "grown", two, log=None) is not None
     cycle2 = torch.load(build / "flow_cycle2.pt", weights_only=True)
     assert cycle2["step"] == 3 and len(cycle2["losses"]) == 3
     assert cycle2["schedule"]["base_lrs"] == [3e-4]  # the cycle's own peak, with a fresh schedule
     assert torch.load(build / "guidance_cycle2.pt", weights_only=True)["step"] == 2
     assert json.loads((build / "config.json").read_text())["flow_cycles"] == 2
-    for folder in ("transformer", "text_encoder", "text_encoder_2"):
+    assert json.loads((tmp_path / "grown" / SUMMARY).read_text())["config"]["flow_cycles"] == 2
+    for folder in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         for file in (tmp_path / "straight" / folder).glob("*.safetensors"):
             assert file.read_bytes() == (tmp_path / "grown" / folder / file.name).read_bytes(), file
     assert any(first[name] != (tmp_path / "grown" / "transformer" / name).read_bytes() for name in first)
-    with pytest.raises(ValueError, match="--flow_cycles 2"):  # fewer cycles than the build has: refused
+    with pytest.raises(ValueError, match="continue it with --flow_cycles 2 --cycle_steps 3 --cycle_lr 0.0003,"):
         build_toy_teacher(tmp_path / "grown", one, log=None)
-    with pytest.raises(ValueError, match="--cycle_lr 0.0003"):  # a two-cycle build's restart settings are fixed
+    with pytest.raises(ValueError, match="continue it with --cycle_lr 0.0003,"):  # restart settings are fixed now
         build_toy_teacher(tmp_path / "grown", replace(two, cycle_lr=1e-4, flow_cycles=3), log=None)
+    with pytest.raises(ValueError, match="continue it with the --preset and flags it was made with"):
+        build_toy_teacher(tmp_path / "grown", replace(two, text_dim=64), log=None)
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path / "x"), "--preset", "smoke", "--cycle_lr", "0"])
+    with contextlib.redirect_stdout(io.StringIO()) as usage, pytest.raises(SystemExit):
+        main(["--help"])
+    assert all(f"--{k} " in usage.getvalue() for k in CLI_SETTINGS)  # the error's suggested flags exist
 
 
 def test_teacher_build_made_before_cycles_existed_is_continued(tmp_path):
     """A build whose config.json predates the cycle settings reads as one cycle and can be given a second."""
-    import json
-
     from toyworld.teacher import PRESETS, build_toy_teacher
 
     one = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=2, guidance_steps=0, batch=4,

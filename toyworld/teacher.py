@@ -45,6 +45,8 @@ from .world import training_example
 NEGATIVE_PROMPT = " "
 BUILD_DIR = "build"
 SUMMARY = "toy_teacher.json"
+CYCLE_KEYS = ("cycle_steps", "cycle_lr")
+CLI_SETTINGS = ("seed", "flow_steps", "flow_cycles", "cycle_steps", "cycle_lr", "guidance_steps")  # main()'s flags
 
 
 @dataclass
@@ -317,7 +319,9 @@ def train_transformer(components: dict, latents: torch.Tensor, captions: list[st
     history["flow"] = losses
     if not finished:
         return None
-    for cycle in range(2, config.flow_cycles + 1):  # warm restarts from the previous cycle's EMA
+    # warm restarts from the previous cycle's EMA (run() ends a stage with its EMA in the weights); each cycle
+    # starts its own EMA, with the usual warm-up; the summary's flow loss is the last cycle's
+    for cycle in range(2, config.flow_cycles + 1):
         losses, finished = runner.run(f"flow_cycle{cycle}", config.cycle_steps or config.flow_steps, modules,
                                       flow_loss, lr=config.cycle_lr)
         history["flow"] = losses
@@ -355,24 +359,26 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
     identity = config.identity()
     if path.exists():
         previous = json.loads(path.read_text())
-        # builds made before warm restarts existed have one cycle; their cycle settings were never used
+        # a one-cycle build (also one made before warm restarts existed) never used the cycle settings
         previous.setdefault("flow_cycles", 1)
         if previous["flow_cycles"] == 1:
-            for key in ("cycle_steps", "cycle_lr"):
-                previous.setdefault(key, identity[key])
+            previous.update({key: identity[key] for key in CYCLE_KEYS})
         # more cycles continue a build; the guidance stage after the new last cycle starts afresh
         grown = previous["flow_cycles"] < config.flow_cycles
         free = ("flow_cycles", "guidance_steps") if grown else ()
         changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v and k not in free}
         if changed:
-            def flag(value):
-                return " ".join(map(str, value)) if isinstance(value, list) else value
-
-            held = ", ".join(f"{k} {flag(old)} (asked {flag(new)})" for k, (old, new) in changed.items())
-            flags = " ".join(f"--{k} {flag(old)}" for k, (old, _) in changed.items())
-            raise UsageError(f"{build} holds a build with other settings: {held}; continue it with {flags}, or "
-                             "use another --output_dir")
+            held = ", ".join(f"{k} {old} (asked {new})" for k, (old, new) in changed.items())
+            flags = [f"--{k} {old}" for k, (old, _) in changed.items() if k in CLI_SETTINGS]
+            fix = " ".join(flags) if len(flags) == len(changed) else "the --preset and flags it was made with"
+            raise UsageError(f"{build} holds a build with other settings: {held}; continue it with {fix}, or use "
+                             "another --output_dir")
         if grown:
+            # the finished teacher in output_dir is now the previous cycle's: set its summary aside, so that
+            # nothing takes the folder for a finished build until the new cycle is saved
+            summary = build.parent / SUMMARY
+            if summary.exists():
+                os.replace(summary, build / f"{SUMMARY[:-5]}_cycles{previous['flow_cycles']}.json")
             _atomic_write_text(path, json.dumps(identity, indent=1))
     else:
         build.mkdir(parents=True, exist_ok=True)
@@ -430,7 +436,7 @@ PRESETS = {
 
 
 def main(argv=None) -> None:
-    from common.cli import ArgumentParser, positive_float, positive_int
+    from common.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
 
     parser = ArgumentParser(description="Build (or continue building) the toy teacher.")
     parser.add_argument("--output_dir", required=True)
@@ -439,11 +445,11 @@ def main(argv=None) -> None:
     parser.add_argument("--flow_steps", type=positive_int, default=None)
     parser.add_argument("--flow_cycles", type=positive_int, default=None,
                         help="cosine cycles of the flow stage; raising it on a finished build continues it")
-    parser.add_argument("--cycle_steps", type=positive_int, default=None,
-                        help="steps of each cycle after the first (default: --flow_steps)")
+    parser.add_argument("--cycle_steps", type=nonnegative_int, default=None,
+                        help="steps of each cycle after the first (0, the default: --flow_steps)")
     parser.add_argument("--cycle_lr", type=positive_float, default=None,
                         help="peak learning rate of the cycles after the first")
-    parser.add_argument("--guidance_steps", type=int, default=None)
+    parser.add_argument("--guidance_steps", type=nonnegative_int, default=None)
     parser.add_argument("--stop_after", type=positive_int, default=None,
                         help="stop (resumably) after this many training steps of this run")
     parser.add_argument("--snapshot_every", type=positive_int, default=None,
