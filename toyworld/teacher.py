@@ -39,6 +39,7 @@ from model.latents import image_ids, pack_latents
 from model.text import PromptEmbeds
 from model.tiny_flux import TinyFluxSize, build_components
 from model.transformer import flux_velocity
+from training.checkpoint import atomic_torch_save, atomic_write_text
 
 from .world import training_example
 
@@ -110,18 +111,6 @@ def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[st
 def _log(log, msg: str) -> None:
     if log:
         log(msg)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -232,7 +221,7 @@ class StageRunner:
             _log(self.log, f"{stage}: resuming at step {start_step} of {steps}")
 
         def save(step: int) -> None:
-            _atomic_save({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+            atomic_torch_save({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
                           "schedule": schedule.state_dict(), "ema": ema, "losses": losses, "step": step,
                           "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, path)
 
@@ -378,11 +367,11 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
             # nothing takes the folder for a finished build until the new cycle is saved
             summary = build.parent / SUMMARY
             if summary.exists():
-                os.replace(summary, build / f"{SUMMARY[:-5]}_cycles{previous['flow_cycles']}.json")
-            _atomic_write_text(path, json.dumps(identity, indent=1))
+                os.replace(summary, build / f"{Path(SUMMARY).stem}_cycles{previous['flow_cycles']}.json")
+            atomic_write_text(path, json.dumps(identity, indent=1))
     else:
         build.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(identity, indent=1))
+        atomic_write_text(path, json.dumps(identity, indent=1))
 
 
 def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = None, log=print,
@@ -413,7 +402,7 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
     else:
         latents = train_vae(components["vae"], images, config, generator, log)
         components["vae"].save_pretrained(build / "vae", safe_serialization=True)
-        _atomic_save({"latents": latents, "generator": generator.get_state()}, build / "latents.pt")
+        atomic_torch_save({"latents": latents, "generator": generator.get_state()}, build / "latents.pt")
     del images
     final_losses = train_transformer(components, latents, captions, config, generator, build, log, snapshot,
                                      snapshot_every, stop_after)
