@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "script"))
 
 import toy_benchmark  # noqa: E402
 
-PIPELINE_PARTS = toy_benchmark.TEACHER_PARTS + ("toy_teacher.json",)
+PIPELINE_PARTS = toy_benchmark.TEACHER_PARTS + (toy_benchmark.TEACHER_SUMMARY,)
 
 
 def folder_megabytes(folder: Path) -> float:
@@ -35,13 +35,10 @@ def ship(teacher: Path, dest: Path, work: Path, rescale_steps: int, data_images:
          max_megabytes: float, force: bool = False) -> Path:
     from common.cli import UsageError
 
-    missing = [part for part in PIPELINE_PARTS if not (teacher / part).exists()]
-    if missing:
-        raise UsageError(f"--teacher_dir {teacher} is not a finished toy teacher build (missing {', '.join(missing)}); "
-                         f"finish it with: python -m toyworld.teacher --output_dir {teacher}")
+    toy_benchmark.check_teacher_dir(teacher)
     if dest.exists() and not force:
         raise UsageError(f"{dest} already exists; pass --force to replace it")
-    built = json.loads((teacher / "toy_teacher.json").read_text())
+    built = json.loads((teacher / toy_benchmark.TEACHER_SUMMARY).read_text())
     config = built["config"]
     preset = {"resolution": config["resolution"], "max_sequence_length": config["max_sequence_length"],
               "data_images": data_images, "eval_per_tag": 1, "batch": batch, "rescale_steps": rescale_steps}
@@ -59,7 +56,7 @@ def ship(teacher: Path, dest: Path, work: Path, rescale_steps: int, data_images:
     built["x1_twin"] = {"made_by": "train_rescale.py", "steps": rescale_steps, "batch": batch,
                         "data_images": data_images, "seconds": time.perf_counter() - start,
                         "evaluation": json.loads((work / "rescale" / "rescale_eval.json").read_text())}
-    (staging / "toy_teacher.json").write_text(json.dumps(built, indent=1))
+    (staging / toy_benchmark.TEACHER_SUMMARY).write_text(json.dumps(built, indent=1))
     size = folder_megabytes(staging)
     if size > max_megabytes:
         shutil.rmtree(staging)

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from toyworld.teacher import PRESETS as TEACHER_PRESETS  # noqa: E402
+from toyworld.teacher import SUMMARY as TEACHER_SUMMARY  # noqa: E402
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHIPPED_TEACHER = ROOT / "toyworld" / "toy_teacher"
@@ -63,7 +64,7 @@ SID_FLAGS = ["--learning_rate", "3e-4", "--fake_learning_rate", "3e-4", "--num_g
 PRESETS = {
     # full: every method, two seeds each, 50 held-out prompts per category (1200 images per row)
     "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=50, batch=32, sid_batch=16,
-                 minutes=8.0,
+                 minutes=8.0, jobs=2,
                  students=tuple(STUDENTS), seeds=(0, 1), rescale_steps=1000),
     # quick: the README's first command (under 10 minutes from a fresh clone on 2 cores, setup included): one
     # image for each of 128 prompts per category (768 per row: for a fixed number of images, more prompts give a
@@ -119,7 +120,7 @@ def stage_teacher(out: Path, preset: dict, seed: int, teacher_dir: Path | None, 
         teacher = teacher_dir or SHIPPED_TEACHER
         log(f"using the toy teacher in {teacher}")
         return teacher
-    if (out / "teacher" / "toy_teacher.json").exists():
+    if (out / "teacher" / TEACHER_SUMMARY).exists():
         log(f"reusing the toy teacher built in {out / 'teacher'}")
         return out / "teacher"
     return build_toy_teacher(out / "teacher", replace(preset["teacher"], seed=seed), log=log)
@@ -273,6 +274,18 @@ ROW_SOURCES = ("model/pipeline.py", "evaluation/geneval.py", "evaluation/geneval
 TEACHER_RECORD = "benchmark_rows.json"  # recorded teacher rows, inside the teacher folder
 TEACHER_PARTS = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                  "transformer", "vae")  # what the teacher pipeline loads
+
+
+def check_teacher_dir(teacher: Path) -> None:
+    """Refuse (one line) a folder that is not a finished toy teacher: a missing folder, another model, or a build
+    still running or growing (which keeps its summary in build/ until its last stage is saved)."""
+    from common.cli import UsageError
+
+    missing = [part for part in TEACHER_PARTS + (TEACHER_SUMMARY,) if not (teacher / part).exists()]
+    if missing:
+        raise UsageError(f"--teacher_dir {teacher} is not a finished toy teacher (missing {', '.join(missing)}); "
+                         f"finish its build (rerun python -m toyworld.teacher --output_dir {teacher} with the "
+                         "flags it was started with), or pass another folder")
 
 
 def teacher_row_key(teacher: Path, eval_file: Path, nfe: int, preset: dict, guidance: float) -> str:
@@ -445,7 +458,7 @@ def train_minutes(export: Path) -> float | None:
 
 
 def main(argv=None) -> dict:
-    from common.cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int
+    from common.cli import ArgumentParser, nonnegative_float, nonnegative_int, positive_float, positive_int
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(PRESETS), default="full")
@@ -466,9 +479,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--record_teacher_rows", action="store_true",
                         help=f"record the teacher rows sampled here in the teacher folder's {TEACHER_RECORD}")
     args = parser.parse_args(argv)
-    if args.teacher_dir and not (Path(args.teacher_dir) / "model_index.json").exists():
-        raise UsageError(f"--teacher_dir {args.teacher_dir} is not a toy teacher folder (no model_index.json); "
-                         "pass the folder of a toy teacher, or drop the flag to use the shipped one")
+    if args.teacher_dir:
+        check_teacher_dir(Path(args.teacher_dir))
     preset = dict(PRESETS[args.mode])
     preset.update({k: v for k, v in (("students", args.students), ("seeds", args.seeds), ("minutes", args.minutes))
                    if v is not None})
@@ -485,7 +497,7 @@ def main(argv=None) -> dict:
     teacher = stage_teacher(out, preset, args.seed, Path(args.teacher_dir) if args.teacher_dir else None, build)
     seconds = {"teacher": time.perf_counter() - start}
     # prompts are encoded and images drawn as the teacher was trained
-    built = json.loads((teacher / "toy_teacher.json").read_text())["config"]
+    built = json.loads((teacher / TEACHER_SUMMARY).read_text())["config"]
     preset = {**preset, "resolution": built["resolution"], "max_sequence_length": built["max_sequence_length"]}
     data, eval_file = stage_data(out, preset, args.seed)
     rescaled = stage_rescale(out, teacher, data, preset, args.rescale or build)

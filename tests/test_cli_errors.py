@@ -32,6 +32,12 @@ def files(tiny_flux, tmp_path_factory):
     (tmp / "geneval" / "00000" / "metadata.jsonl").write_text(json.dumps({"tag": "single_object", "prompt": "a cat",
                                                                           "include": [{"class": "cat", "count": 1}]}))
     Image.new("RGB", (16, 16)).save(tmp / "geneval" / "00000" / "samples" / "0000.png")
+    growing = tmp / "growing_teacher"  # a toy teacher build given another cycle: its summary waits in build/
+    for part in ("build", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer",
+                 "vae"):
+        (growing / part).mkdir(parents=True)
+    (growing / "model_index.json").write_text("{}")
+    (growing / "build" / "toy_teacher_cycles1.json").write_text("{}")
     two_process = tmp / "run2" / "checkpoint-2"  # what a 2-process run leaves (the check reads only this file)
     two_process.mkdir(parents=True)
     (two_process / "trainer_state.json").write_text(json.dumps({"global_step": 2, "num_processes": 2}))
@@ -138,6 +144,8 @@ def more_cases(f):
         ("data.synthetic", ["--output_dir", str(tmp / "s"), "--num_images", "-3"], "--num_images"),
         ("script/toy_benchmark.py", ["--mode", "smoke", "--teacher_dir", str(tmp / "none"), "--output_dir",
                                      str(tmp / "bench")], "--teacher_dir"),
+        ("script/toy_benchmark.py", ["--mode", "smoke", "--teacher_dir", str(tmp / "growing_teacher"),
+                                     "--output_dir", str(tmp / "bench")], "not a finished toy teacher (missing toy_teacher.json)"),
         ("script/bench_train_step.py", ["--pretrained_model_name_or_path", str(tmp / "none" / "x" / "y")],
          "does not exist"),
     ]

@@ -73,7 +73,7 @@ def test_shipping_refuses_unfinished_builds_and_overwrites(shipped, tmp_path):
     (unfinished / "build").mkdir(parents=True)
     proc = subprocess.run([sys.executable, str(ROOT / "script" / "ship_toy_teacher.py"), "--teacher_dir",
                            str(unfinished), "--dest", str(tmp_path / "d")], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "not a finished toy teacher build" in proc.stderr
+    assert proc.returncode == 2 and "is not a finished toy teacher (missing" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     before = {p: p.stat().st_mtime for p in dest.rglob("*")}
     with pytest.raises(UsageError, match="already exists; pass --force"):
