@@ -295,6 +295,35 @@ def test_prompts_use_number_words_and_plurals():
         world.sample_metadata("spatial", rng)
 
 
+def test_words_are_matched_to_the_objects_they_describe():
+    describe = world.object_descriptions
+    position = {"tag": "position", "prompt": "a photo of a ring below a cross",
+                "include": [{"class": "cross", "count": 1}, {"class": "ring", "count": 1, "position": ["below", 0]}]}
+    assert describe(position) == [{"shape": "ring", "color": None, "count": 1, "relation": "below"},
+                                  {"shape": "cross", "color": None, "count": 1, "relation": "above"}]  # prompt order
+    assert world.word_objects(position) == [None, None, None, None, 0, None, None, 1]
+    color_attr = {"tag": "color_attr", "prompt": "a photo of a red circle and a blue square",
+                  "include": [{"class": "circle", "count": 1, "color": "red"},
+                              {"class": "square", "count": 1, "color": "blue"}]}
+    assert [d["color"] for d in describe(color_attr)] == ["red", "blue"]
+    assert world.word_objects(color_attr) == [None, None, None, None, 0, 0, None, None, 1, 1]
+    counting = {"tag": "counting", "prompt": "a photo of three crosses", "include": [{"class": "cross", "count": 3}],
+                "exclude": [{"class": "cross", "count": 4}]}
+    assert describe(counting) == [{"shape": "cross", "color": None, "count": 3, "relation": None}]
+    assert world.word_objects(counting) == [None, None, None, 0, 0]
+    rng = np.random.default_rng(1)
+    for tag in TAGS:  # every generated prompt: each object is named by its shape word, nothing else by one
+        for _ in range(50):
+            metadata = world.sample_metadata(tag, rng)
+            owners, words = world.word_objects(metadata), metadata["prompt"].split()
+            objects = describe(metadata)
+            assert len(objects) == len(metadata["include"])
+            for k, obj in enumerate(objects):
+                named = [w for w, o in zip(words, owners) if o == k]
+                assert obj["shape"] in named or world.PLURALS[obj["shape"]] in named
+            assert all(o is None for w, o in zip(words, owners) if w in ("a", "photo", "of", "and", "left", "above"))
+
+
 @pytest.mark.parametrize("resolution", [64, 32])
 def test_layouts_are_inside_apart_and_keep_their_relations(resolution):
     for index in range(300):
@@ -370,14 +399,24 @@ def test_teacher_build_saves_the_ema_weights_it_snapshots(tmp_path):
         assert any(not torch.equal(saved[k], earlier[k]) for k in saved), name  # the encoders trained too
 
 
-def test_teacher_build_stopped_halfway_and_rerun_equals_one_straight_build(tmp_path):
+@pytest.mark.parametrize("text_pretrain_steps", [0, 4])
+def test_teacher_build_stopped_halfway_and_rerun_equals_one_straight_build(tmp_path, text_pretrain_steps):
+    """Also with the text stage (stopped inside it too), whose encoders then stay frozen."""
     from toyworld.teacher import PRESETS, build_toy_teacher
 
     config = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=6, guidance_steps=4, batch=4,
-                     vae_batch=2, checkpoint_every=2)
+                     vae_batch=2, checkpoint_every=2, text_pretrain_steps=text_pretrain_steps,
+                     train_text_encoders=not text_pretrain_steps)
     build_toy_teacher(tmp_path / "straight", config, log=None)
-    assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=3) is None  # flow 0 -> 3
-    assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=5) is None  # flow 3 -> 6, guidance 0 -> 2
+    if text_pretrain_steps:
+        assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=2) is None  # text 0 -> 2
+        assert torch.load(tmp_path / "halves" / "build" / "text.pt", weights_only=True)["step"] == 2
+        # text 2 -> 4, flow 0 -> 3
+        assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=5) is None
+    else:
+        assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=3) is None  # flow 0 -> 3
+    # flow 3 -> 6, guidance 0 -> 2
+    assert build_toy_teacher(tmp_path / "halves", config, log=None, stop_after=5) is None
     assert torch.load(tmp_path / "halves" / "build" / "guidance.pt", weights_only=True)["step"] == 2
     assert build_toy_teacher(tmp_path / "halves", config, log=None) is not None
     for folder in ("transformer", "text_encoder", "text_encoder_2", "vae"):
@@ -434,15 +473,77 @@ def test_teacher_build_given_a_second_cycle_continues_and_equals_a_straight_two_
 
 
 def test_teacher_build_made_before_cycles_existed_is_continued(tmp_path):
-    """A build whose config.json predates the cycle settings reads as one cycle and can be given a second."""
+    """A build whose config.json predates the cycle and text-stage settings reads as one cycle without a text
+    stage and can be given a second cycle."""
     from toyworld.teacher import PRESETS, build_toy_teacher
 
     one = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=2, guidance_steps=0, batch=4,
                   vae_batch=2, checkpoint_every=2, cycle_steps=2)
     build_toy_teacher(tmp_path / "t", one, log=None)
     path = tmp_path / "t" / "build" / "config.json"
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("flow_cycles", "cycle_steps", "cycle_lr")}
+    newer = ("flow_cycles", "cycle_steps", "cycle_lr", "text_pretrain_steps", "text_pretrain_lr")
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in newer}
     path.write_text(json.dumps(old))
     build_toy_teacher(tmp_path / "t", one, log=None)  # the same one-cycle build: accepted
     assert build_toy_teacher(tmp_path / "t", replace(one, flow_cycles=2), log=None) is not None
     assert torch.load(tmp_path / "t" / "build" / "flow_cycle2.pt", weights_only=True)["step"] == 2
+
+
+def test_text_stage_freezes_the_encoders_for_the_later_stages(tmp_path):
+    """With the text stage, the saved encoders are the text stage's (EMA) result, whatever the flow stage's length."""
+    from toyworld.teacher import PRESETS, build_toy_teacher
+
+    config = replace(PRESETS["smoke"], num_images=12, vae_steps=2, flow_steps=2, guidance_steps=1, batch=4,
+                     vae_batch=2, text_pretrain_steps=3, train_text_encoders=False)
+    build_toy_teacher(tmp_path / "short", config, log=None)
+    build_toy_teacher(tmp_path / "long", replace(config, flow_steps=5), log=None)
+    summary = json.loads((tmp_path / "long" / "toy_teacher.json").read_text())
+    assert 0 <= summary["text_pretrain_accuracy"] <= 1 and "text" in summary["final_losses"]
+    for folder in ("text_encoder", "text_encoder_2", "transformer"):
+        files = sorted((tmp_path / "short" / folder).glob("*.safetensors"))
+        same = all(f.read_bytes() == (tmp_path / "long" / folder / f.name).read_bytes() for f in files)
+        assert same == (folder != "transformer"), folder
+
+
+def test_caption_targets_and_the_text_stage_learn_which_word_goes_with_which_object(tmp_path):
+    """Swapped captions (the same words in another order) need other targets, so reading them all right needs
+    encoders that see word order; a few hundred steps at the smoke size get every target right."""
+    from model.tiny_flux import build_components
+    from toyworld.teacher import (ATTRIBUTES, IGNORE, PRESETS, CaptionEncoder, StageRunner, caption_targets,
+                                  pretrain_text_encoders)
+
+    def entry(shape, color=None, position=None):
+        return {"class": shape, "count": 1, **({"color": color} if color else {}),
+                **({"position": position} if position else {})}
+
+    metadata = [
+        {"tag": "color_attr", "prompt": "a photo of a red circle and a blue square",
+         "include": [entry("circle", "red"), entry("square", "blue")]},
+        {"tag": "color_attr", "prompt": "a photo of a blue circle and a red square",
+         "include": [entry("circle", "blue"), entry("square", "red")]},
+        {"tag": "position", "prompt": "a photo of a circle left of a square",
+         "include": [entry("square"), entry("circle", position=["left of", 0])]},
+        {"tag": "position", "prompt": "a photo of a square left of a circle",
+         "include": [entry("circle"), entry("square", position=["left of", 0])]},
+        {"tag": "counting", "prompt": "a photo of two squares", "include": [{"class": "square", "count": 2}],
+         "exclude": [{"class": "square", "count": 3}]},
+    ]
+    config = replace(PRESETS["smoke"], text_pretrain_steps=300, text_pretrain_lr=3e-3, batch=8, caption_dropout=0.2)
+    components = build_components(config.dims(), config.seed)
+    tokens, pooled = caption_targets(metadata[0], components["tokenizer_2"], config.max_sequence_length)
+    circle = [ATTRIBUTES["shape"].index("circle"), ATTRIBUTES["color"].index("red"), 0, 0]
+    square = [ATTRIBUTES["shape"].index("square"), ATTRIBUTES["color"].index("blue"), 0, 0]
+    assert tokens[4:6].tolist() == [circle, circle] and tokens[8:10].tolist() == [square, square]
+    assert (tokens[[0, 1, 2, 3, 6, 7, 10]] == IGNORE).all()  # "a photo of a", "and a", </s>
+    assert pooled.tolist() == [2, *circle, *square]
+    left = caption_targets(metadata[2], components["tokenizer_2"], config.max_sequence_length)[0]
+    relations = ATTRIBUTES["relation"]
+    assert left[4, 3] == relations.index("left of") and left[8, 3] == relations.index("right of")
+    empty_tokens, empty_pooled = caption_targets(None, components["tokenizer_2"], config.max_sequence_length)
+    assert (empty_tokens == IGNORE).all() and empty_pooled[0] == 0 and (empty_pooled[1:] == IGNORE).all()
+
+    text = CaptionEncoder(components, [m["prompt"] for m in metadata], config.max_sequence_length)
+    runner = StageRunner(tmp_path, config, torch.Generator().manual_seed(0), len(metadata),
+                         [components["transformer"], *text.encoders()], None, None, 1000, None)
+    losses, accuracy = pretrain_text_encoders(text, metadata, config, runner)
+    assert accuracy == 1.0 and losses[-1] < 0.1 * losses[0]

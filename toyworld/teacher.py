@@ -4,6 +4,8 @@ Components are those of FLUX at a small size (model.tiny_flux.build_components):
 16-channel x8 AutoencoderKL and a FluxTransformer2DModel with FLUX's x1000 time and guidance inputs. Stages:
 
 1. VAE: reconstruction + a small KL on the world's images; shift/scale set so latents have mean 0, std 1.
+   (text, with `text_pretrain_steps`: the encoders learn to read the captions: each T5 token the object its word
+   describes, the pooled CLIP vector the whole scene, through linear read-outs dropped afterwards; then frozen.)
 2. flow: conditional flow matching (x_tau = (1 - tau) x0 + tau eps, target eps - x0, 10% of captions dropped
    to the " " prompt, the guidance input drawn at random and ignored). The text encoders train with the
    transformer here (`train_text_encoders`), since FLUX's encoders arrive pretrained and random ones leave the
@@ -41,13 +43,14 @@ from model.tiny_flux import TinyFluxSize, build_components
 from model.transformer import flux_velocity
 from training.checkpoint import atomic_torch_save, atomic_write_text
 
-from .world import training_example
+from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, object_descriptions, training_example, word_objects
 
 NEGATIVE_PROMPT = " "
 BUILD_DIR = "build"
 SUMMARY = "toy_teacher.json"
 CYCLE_KEYS = ("cycle_steps", "cycle_lr")
-CLI_SETTINGS = ("seed", "flow_steps", "flow_cycles", "cycle_steps", "cycle_lr", "guidance_steps")  # main()'s flags
+CLI_SETTINGS = ("seed", "text_pretrain_steps", "flow_steps", "flow_cycles", "cycle_steps", "cycle_lr",
+                "guidance_steps")  # main()'s flags
 
 
 @dataclass
@@ -84,6 +87,11 @@ class ToyTeacherConfig:
     ema_decay: float = 0.999  # the saved transformer (and encoders) are the EMA of their training weights
     guidance_range: tuple = (1.0, 6.0)
     train_text_encoders: bool = True  # in the flow stage; frozen afterwards
+    # pretraining of the text encoders on the world's captions before the flow stage (0: none): every token learns
+    # to describe the object its word belongs to (shape, colour, count, relation to the other object) and the
+    # pooled CLIP vector the whole scene, as a real FLUX's pretrained encoders bind words in context
+    text_pretrain_steps: int = 0
+    text_pretrain_lr: float = 1e-3
     checkpoint_every: int = 500  # steps between resumable checkpoints of a running stage
 
     def dims(self) -> TinyFluxSize:
@@ -97,15 +105,15 @@ class ToyTeacherConfig:
                 if k != "checkpoint_every"}
 
 
-def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] [N, 3, R, R] and their captions."""
+def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[dict]]:
+    """Images in [-1, 1] [N, 3, R, R] and their GenEval metadata (the caption is its "prompt")."""
     images = np.empty((config.num_images, 3, config.resolution, config.resolution), dtype=np.float32)
-    captions = []
+    metadata = []
     for i in range(config.num_images):
-        metadata, image = training_example(i, config.seed, config.resolution)
+        example, image = training_example(i, config.seed, config.resolution)
         images[i] = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-        captions.append(metadata["prompt"])
-    return torch.from_numpy(images), captions
+        metadata.append(example)
+    return torch.from_numpy(images), metadata
 
 
 def _log(log, msg: str) -> None:
@@ -149,28 +157,109 @@ def train_vae(vae, images: torch.Tensor, config: ToyTeacherConfig, generator: to
 
 class CaptionEncoder:
     """FLUX's prompt encoding (CLIP pooled at 77 tokens + T5 sequence) over a fixed caption vocabulary, with
-    gradients when the encoders train; captions are tokenised once."""
+    gradients when the encoders train; captions are tokenised once, and encoded once when frozen (`freeze`)."""
 
     def __init__(self, components: dict, captions: list[str], max_sequence_length: int):
         self.text_encoder, self.text_encoder_2 = components["text_encoder"], components["text_encoder_2"]
         self.unique = sorted(set(captions) | {NEGATIVE_PROMPT})
         self.index = {caption: i for i, caption in enumerate(self.unique)}
         tokenizer, tokenizer_2 = components["tokenizer"], components["tokenizer_2"]
+        self.tokenizer_2 = tokenizer_2
         self.clip_ids = tokenizer(self.unique, padding="max_length", max_length=tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids
         self.t5_ids = tokenizer_2(self.unique, padding="max_length", max_length=max_sequence_length,
                                   truncation=True, return_tensors="pt").input_ids
         self.text_ids = torch.zeros(max_sequence_length, 3)
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 sequence [n, L, d], CLIP pooled [n, d]) of the unique captions `rows`."""
+        return self.text_encoder_2(self.t5_ids[rows])[0], self.text_encoder(self.clip_ids[rows]).pooler_output
+
+    def freeze(self) -> None:
+        """Stop the encoders' training and encode every caption once; later calls read the table."""
+        for encoder in self.encoders():
+            encoder.requires_grad_(False)
+        with torch.no_grad():
+            self.table = self.encode(torch.arange(len(self.unique)))
+
+    def rows(self, captions: list[str]) -> torch.Tensor:
+        return torch.tensor([self.index[c] for c in captions])
+
     def __call__(self, captions: list[str]) -> PromptEmbeds:
-        rows = torch.tensor([self.index[c] for c in captions])
+        rows = self.rows(captions)
+        if self.table is not None:
+            sequence, pooled = self.table
+            return PromptEmbeds(sequence[rows], pooled[rows], self.text_ids)
         needed, inverse = torch.unique(rows, return_inverse=True)
-        pooled = self.text_encoder(self.clip_ids[needed]).pooler_output
-        sequence = self.text_encoder_2(self.t5_ids[needed])[0]
+        sequence, pooled = self.encode(needed)
         return PromptEmbeds(sequence[inverse], pooled[inverse], self.text_ids)
+
+
+# What the text encoders are pretrained to read from a caption (text_pretrain_steps): the attributes of an object
+ATTRIBUTES = {"shape": SHAPES, "color": (*COLORS, None), "count": tuple(NUMBER_WORDS), "relation": (None, *RELATIONS)}
+MAX_OBJECTS = 2  # objects a caption of the world names (counting names one shape, with its number)
+IGNORE = -100
+
+
+def caption_targets(metadata: dict | None, tokenizer_2, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretraining targets of one caption (None: the empty prompt): per T5 token [L, 4] the attributes of the
+    object its word describes (IGNORE for other tokens); for the pooled vector [1 + 2 * 4] the number of objects
+    and each object's attributes in the order the caption names them (IGNORE for an object it does not have)."""
+    tokens = torch.full((max_sequence_length, len(ATTRIBUTES)), IGNORE)
+    pooled = torch.full((1 + MAX_OBJECTS * len(ATTRIBUTES),), IGNORE)
+    objects = object_descriptions(metadata) if metadata else []
+    pooled[0] = len(objects)
+    codes = [[values.index(obj[name]) for name, values in ATTRIBUTES.items()] for obj in objects]
+    for k, code in enumerate(codes):
+        pooled[1 + k * len(ATTRIBUTES):1 + (k + 1) * len(ATTRIBUTES)] = torch.tensor(code)
+    if metadata:
+        position = 0
+        for word, owner in zip(metadata["prompt"].split(), word_objects(metadata)):
+            width = len(tokenizer_2(word, add_special_tokens=False).input_ids)
+            if owner is not None:
+                tokens[position:position + width] = torch.tensor(codes[owner])
+            position += width
+        whole = len(tokenizer_2(metadata["prompt"], add_special_tokens=False).input_ids)
+        if whole != position:
+            raise ValueError(f"caption {metadata['prompt']!r} is {whole} T5 tokens but its words are {position}: "
+                             "its tokens cannot be matched to its words")
+    return tokens, pooled
+
+
+class CaptionProbe(torch.nn.Module):
+    """Linear read-outs of the text encoders' outputs, used only to pretrain them (not part of the pipeline)."""
+
+    def __init__(self, t5_dim: int, clip_dim: int):
+        super().__init__()
+        sizes = [len(values) for values in ATTRIBUTES.values()]
+        self.token = torch.nn.ModuleList(torch.nn.Linear(t5_dim, n) for n in sizes)
+        self.count = torch.nn.Linear(clip_dim, MAX_OBJECTS + 1)
+        self.objects = torch.nn.ModuleList(torch.nn.Linear(clip_dim, n) for _ in range(MAX_OBJECTS) for n in sizes)
+
+    def read(self, sequence, pooled, token_targets, pooled_targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, targets) of every read-out: the per-token ones, then the pooled ones."""
+        out = [(head(sequence), token_targets[..., column]) for column, head in enumerate(self.token)]
+        pooled_heads = [self.count, *self.objects]
+        return out + [(head(pooled), pooled_targets[:, column]) for column, head in enumerate(pooled_heads)]
+
+    def loss(self, *inputs) -> torch.Tensor:
+        """Mean cross-entropy of the read-outs with any target (IGNORE marks none)."""
+        terms = [F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=IGNORE)
+                 for logits, target in self.read(*inputs) if (target != IGNORE).any()]
+        return torch.stack(terms).mean()
+
+    def accuracy(self, *inputs) -> float:
+        """The share of all (caption, target) pairs the read-outs get right."""
+        right = total = 0
+        for logits, target in self.read(*inputs):
+            keep = target != IGNORE
+            right += int((logits.argmax(-1)[keep] == target[keep]).sum())
+            total += int(keep.sum())
+        return right / max(total, 1)
 
 
 def _draw(x0, config: ToyTeacherConfig, generator):
@@ -194,9 +283,10 @@ class StageRunner:
         self.steps_run = 0  # training steps taken by this invocation (all stages)
 
     def run(self, stage: str, steps: int, modules: list[torch.nn.Module], loss_fn,
-            lr: float | None = None) -> tuple[list[float], bool]:
+            lr: float | None = None, snapshots: bool = True) -> tuple[list[float], bool]:
         """Train the parameters of `modules` for `steps` steps of `loss_fn(idx)` (peak `lr`, default the
-        config's; 100 warm-up steps, cosine to 0); returns (losses, finished)."""
+        config's; 100 warm-up steps, cosine to 0; EMA snapshots unless `snapshots` is False); returns (losses,
+        finished)."""
         config = self.config
         params = [p for module in modules for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr if lr is None else lr, weight_decay=0.0)
@@ -239,7 +329,7 @@ class StageRunner:
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
             done = step + 1
-            if self.snapshot and done % self.snapshot_every == 0:
+            if snapshots and self.snapshot and done % self.snapshot_every == 0:
                 self.snapshot(stage, done, self.ema_state_dicts(params, ema))
             if step % 250 == 0 or done == steps:
                 _log(self.log, f"{stage} step {step}: loss {np.mean(losses[-250:]):.4f} "
@@ -267,23 +357,62 @@ class StageRunner:
         return out
 
 
-def train_transformer(components: dict, latents: torch.Tensor, captions: list[str], config: ToyTeacherConfig,
+def pretrain_text_encoders(text: CaptionEncoder, metadata: list[dict], config: ToyTeacherConfig,
+                           runner: StageRunner) -> tuple[list[float], float | None]:
+    """The text stage: the encoders learn to read the world's captions (`caption_targets`, through linear read-outs
+    that are then dropped), on the training examples' captions (`caption_dropout` of them the empty prompt).
+    Returns (losses, accuracy of the read-outs over every caption) or (losses, None) when stopped early."""
+    by_caption = {m["prompt"]: m for m in metadata}
+    targets = [caption_targets(by_caption.get(c), text.tokenizer_2, config.max_sequence_length) for c in text.unique]
+    token_targets, pooled_targets = (torch.stack(t) for t in zip(*targets))
+    example_rows = text.rows([m["prompt"] for m in metadata])
+    empty = text.index[NEGATIVE_PROMPT]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        probe = CaptionProbe(text.text_encoder_2.config.d_model, text.text_encoder.config.hidden_size)
+    for encoder in text.encoders():
+        encoder.eval().requires_grad_(True)  # eval(): no dropout, so the build is deterministic
+
+    def loss_fn(idx):
+        drop = torch.rand(len(idx), generator=runner.generator) < config.caption_dropout
+        rows = torch.where(drop, empty, example_rows[idx])
+        return probe.loss(*text.encode(rows), token_targets[rows], pooled_targets[rows])
+
+    losses, finished = runner.run("text", config.text_pretrain_steps, [*text.encoders(), probe], loss_fn,
+                                  lr=config.text_pretrain_lr, snapshots=False)
+    if not finished:
+        return losses, None
+    with torch.no_grad():
+        accuracy = probe.accuracy(*text.encode(torch.arange(len(text.unique))), token_targets, pooled_targets)
+    return losses, accuracy
+
+
+def train_transformer(components: dict, latents: torch.Tensor, metadata: list[dict], config: ToyTeacherConfig,
                       generator: torch.Generator, build: Path, log=print, snapshot=None, snapshot_every: int = 1000,
-                      stop_after: int | None = None) -> dict | None:
-    """Stage 2 (flow matching, encoders trained with the transformer) and stage 3 (guidance distillation).
+                      stop_after: int | None = None) -> tuple[dict, float | None] | None:
+    """The text stage (if `text_pretrain_steps`), stage 2 (flow matching, encoders trained with the transformer
+    unless pretrained and frozen) and stage 3 (guidance distillation).
 
     `snapshot(stage, step, [transformer, text_encoder, text_encoder_2 state dicts])`, if given, receives the
     EMA weights every `snapshot_every` steps (to follow quality during a long build). Returns the final
-    losses, or None when `stop_after` (training steps of this call) stopped the build early.
+    losses and the text stage's read-out accuracy (None without it), or None when `stop_after` (training steps of
+    this call) stopped the build early.
     """
     transformer = components["transformer"]
     h, w = latents.shape[-2:]
     x_all = pack_latents(latents)
     ids = image_ids(h, w)
+    captions = [m["prompt"] for m in metadata]
     text = CaptionEncoder(components, captions, config.max_sequence_length)
     runner = StageRunner(build, config, generator, len(x_all), [transformer, *text.encoders()], log, snapshot,
                          snapshot_every, stop_after)
     history = {}
+    text_accuracy = None
+    if config.text_pretrain_steps:
+        history["text"], text_accuracy = pretrain_text_encoders(text, metadata, config, runner)
+        if text_accuracy is None:
+            return None
+        _log(log, f"text encoders pretrained: read-out accuracy {text_accuracy:.4f} over {len(text.unique)} captions")
 
     def batch_captions(idx, drop):
         return [NEGATIVE_PROMPT if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
@@ -303,6 +432,8 @@ def train_transformer(components: dict, latents: torch.Tensor, captions: list[st
         encoder.eval().requires_grad_(config.train_text_encoders)
         if config.train_text_encoders:
             modules.append(encoder)
+    if not config.train_text_encoders:
+        text.freeze()
     transformer.train()
     losses, finished = runner.run("flow", config.flow_steps, modules, flow_loss)
     history["flow"] = losses
@@ -316,8 +447,7 @@ def train_transformer(components: dict, latents: torch.Tensor, captions: list[st
         history["flow"] = losses
         if not finished:
             return None
-    for encoder in text.encoders():
-        encoder.requires_grad_(False)
+    text.freeze()
     if config.guidance_steps:
         frozen = copy.deepcopy(transformer).eval().requires_grad_(False)
 
@@ -338,7 +468,7 @@ def train_transformer(components: dict, latents: torch.Tensor, captions: list[st
         if not finished:
             return None
     transformer.eval().requires_grad_(False)
-    return {stage: float(np.mean(v[-100:])) for stage, v in history.items()}
+    return {stage: float(np.mean(v[-100:])) for stage, v in history.items()}, text_accuracy
 
 
 def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
@@ -352,6 +482,9 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
         previous.setdefault("flow_cycles", 1)
         if previous["flow_cycles"] == 1:
             previous.update({key: identity[key] for key in CYCLE_KEYS})
+        previous.setdefault("text_pretrain_steps", 0)  # made before the text stage existed
+        if previous["text_pretrain_steps"] == 0:
+            previous["text_pretrain_lr"] = identity["text_pretrain_lr"]
         # more cycles continue a build; the guidance stage after the new last cycle starts afresh
         grown = previous["flow_cycles"] < config.flow_cycles
         free = ("flow_cycles", "guidance_steps") if grown else ()
@@ -391,7 +524,7 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     components = build_components(config.dims(), config.seed)
-    images, captions = render_training_set(config)
+    images, metadata = render_training_set(config)
     _log(log, f"rendered {len(images)} training images ({time.perf_counter() - start:.0f} s)")
     if (build / "latents.pt").exists():
         components["vae"] = AutoencoderKL.from_pretrained(build / "vae").eval().requires_grad_(False)
@@ -404,12 +537,15 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
         components["vae"].save_pretrained(build / "vae", safe_serialization=True)
         atomic_torch_save({"latents": latents, "generator": generator.get_state()}, build / "latents.pt")
     del images
-    final_losses = train_transformer(components, latents, captions, config, generator, build, log, snapshot,
-                                     snapshot_every, stop_after)
-    if final_losses is None:
+    trained = train_transformer(components, latents, metadata, config, generator, build, log, snapshot,
+                                snapshot_every, stop_after)
+    if trained is None:
         return None
+    final_losses, text_accuracy = trained
     FluxPipeline(**components).save_pretrained(output_dir, safe_serialization=True)
     summary = {"config": config.identity(), "final_losses": final_losses, "seconds": time.perf_counter() - start}
+    if text_accuracy is not None:
+        summary["text_pretrain_accuracy"] = text_accuracy
     (output_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     _log(log, f"toy teacher saved to {output_dir} ({summary['seconds']:.0f} s of this run)")
     return output_dir
@@ -417,6 +553,8 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
 
 PRESETS = {
     "full": ToyTeacherConfig(),
+    # the encoders pretrained on the world's captions, then frozen through every later stage (as FLUX's)
+    "pretrained_text": ToyTeacherConfig(text_pretrain_steps=2000, train_text_encoders=False),
     "quick": ToyTeacherConfig(num_images=4000, vae_steps=400, flow_steps=600, guidance_steps=100),
     "smoke": ToyTeacherConfig(num_images=48, vae_steps=4, flow_steps=4, guidance_steps=2, batch=8, vae_batch=4,
                               num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
@@ -431,6 +569,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--text_pretrain_steps", type=nonnegative_int, default=None,
+                        help="pretrain the text encoders on the world's captions first (0: no text stage)")
     parser.add_argument("--flow_steps", type=positive_int, default=None)
     parser.add_argument("--flow_cycles", type=positive_int, default=None,
                         help="cosine cycles of the flow stage; raising it on a finished build continues it")
