@@ -296,26 +296,28 @@ def test_prompts_use_number_words_and_plurals():
 
 
 def test_words_are_matched_to_the_objects_they_describe():
-    describe = world.object_descriptions
+    from toyworld import captions
+
+    describe = captions.object_descriptions
     position = {"tag": "position", "prompt": "a photo of a ring below a cross",
                 "include": [{"class": "cross", "count": 1}, {"class": "ring", "count": 1, "position": ["below", 0]}]}
     assert describe(position) == [{"shape": "ring", "color": None, "count": 1, "relation": "below"},
                                   {"shape": "cross", "color": None, "count": 1, "relation": "above"}]  # prompt order
-    assert world.word_objects(position) == [None, None, None, None, 0, None, None, 1]
+    assert captions.word_objects(position) == [None, None, None, None, 0, None, None, 1]
     color_attr = {"tag": "color_attr", "prompt": "a photo of a red circle and a blue square",
                   "include": [{"class": "circle", "count": 1, "color": "red"},
                               {"class": "square", "count": 1, "color": "blue"}]}
     assert [d["color"] for d in describe(color_attr)] == ["red", "blue"]
-    assert world.word_objects(color_attr) == [None, None, None, None, 0, 0, None, None, 1, 1]
+    assert captions.word_objects(color_attr) == [None, None, None, None, 0, 0, None, None, 1, 1]
     counting = {"tag": "counting", "prompt": "a photo of three crosses", "include": [{"class": "cross", "count": 3}],
                 "exclude": [{"class": "cross", "count": 4}]}
     assert describe(counting) == [{"shape": "cross", "color": None, "count": 3, "relation": None}]
-    assert world.word_objects(counting) == [None, None, None, 0, 0]
+    assert captions.word_objects(counting) == [None, None, None, 0, 0]
     rng = np.random.default_rng(1)
     for tag in TAGS:  # every generated prompt: each object is named by its shape word, nothing else by one
         for _ in range(50):
             metadata = world.sample_metadata(tag, rng)
-            owners, words = world.word_objects(metadata), metadata["prompt"].split()
+            owners, words = captions.word_objects(metadata), metadata["prompt"].split()
             objects = describe(metadata)
             assert len(objects) == len(metadata["include"])
             for k, obj in enumerate(objects):

@@ -43,7 +43,8 @@ from model.tiny_flux import TinyFluxSize, build_components
 from model.transformer import flux_velocity
 from training.checkpoint import atomic_torch_save, atomic_write_text
 
-from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, object_descriptions, training_example, word_objects
+from .captions import object_descriptions, word_objects
+from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, training_example
 
 NEGATIVE_PROMPT = " "
 BUILD_DIR = "build"
