@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "script"))
 
 import toy_benchmark  # noqa: E402
 
-PIPELINE_PARTS = toy_benchmark.TEACHER_PARTS + (toy_benchmark.TEACHER_SUMMARY,)
+PIPELINE_PARTS = toy_benchmark.FINISHED_TEACHER_PARTS
 
 
 def folder_megabytes(folder: Path) -> float:

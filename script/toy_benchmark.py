@@ -274,6 +274,7 @@ ROW_SOURCES = ("model/pipeline.py", "evaluation/geneval.py", "evaluation/geneval
 TEACHER_RECORD = "benchmark_rows.json"  # recorded teacher rows, inside the teacher folder
 TEACHER_PARTS = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                  "transformer", "vae")  # what the teacher pipeline loads
+FINISHED_TEACHER_PARTS = TEACHER_PARTS + (TEACHER_SUMMARY,)  # a finished build: its pipeline and its summary
 
 
 def check_teacher_dir(teacher: Path) -> None:
@@ -281,7 +282,7 @@ def check_teacher_dir(teacher: Path) -> None:
     still running or growing (which keeps its summary in build/ until its last stage is saved)."""
     from common.cli import UsageError
 
-    missing = [part for part in TEACHER_PARTS + (TEACHER_SUMMARY,) if not (teacher / part).exists()]
+    missing = [part for part in FINISHED_TEACHER_PARTS if not (teacher / part).exists()]
     if missing:
         raise UsageError(f"--teacher_dir {teacher} is not a finished toy teacher (missing {', '.join(missing)}); "
                          f"finish its build (rerun python -m toyworld.teacher --output_dir {teacher} with the "

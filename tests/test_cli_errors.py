@@ -145,7 +145,8 @@ def more_cases(f):
         ("script/toy_benchmark.py", ["--mode", "smoke", "--teacher_dir", str(tmp / "none"), "--output_dir",
                                      str(tmp / "bench")], "--teacher_dir"),
         ("script/toy_benchmark.py", ["--mode", "smoke", "--teacher_dir", str(tmp / "growing_teacher"),
-                                     "--output_dir", str(tmp / "bench")], "not a finished toy teacher (missing toy_teacher.json)"),
+                                     "--output_dir", str(tmp / "bench")],
+         "not a finished toy teacher (missing toy_teacher.json)"),
         ("script/bench_train_step.py", ["--pretrained_model_name_or_path", str(tmp / "none" / "x" / "y")],
          "does not exist"),
     ]

@@ -181,7 +181,10 @@ class CaptionEncoder:
         return self.text_encoder_2(self.t5_ids[rows])[0], self.text_encoder(self.clip_ids[rows]).pooler_output
 
     def freeze(self) -> None:
-        """Stop the encoders' training and encode every caption once; later calls read the table."""
+        """Stop the encoders' training and encode every caption once; later calls read the table (and a second
+        freeze keeps it)."""
+        if self.table is not None:
+            return
         for encoder in self.encoders():
             encoder.requires_grad_(False)
         with torch.no_grad():
