@@ -24,6 +24,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -90,8 +91,12 @@ BARS = {("scm", 2): 0.97, ("scm", 1): 0.90, ("meanflow", 4): 0.97, ("meanflow", 
 TEACHER_BAR, CHANCE_MULTIPLE = 0.65, 3.0
 
 
+_LOG_LOCK = threading.Lock()  # students train two at a time: one line per message, never two run together
+
+
 def log(msg: str) -> None:
-    print(f"[toy-benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    with _LOG_LOCK:
+        print(f"[toy-benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def reset_accelerate() -> None:

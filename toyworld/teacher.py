@@ -29,12 +29,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from model.conventions import flux_mu, shift_times
 from model.latents import image_ids, pack_latents
@@ -44,14 +45,16 @@ from model.transformer import flux_velocity
 from training.checkpoint import atomic_torch_save, atomic_write_text
 
 from .captions import object_descriptions, word_objects
-from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, training_example
+from .world import (COLORS, NUMBER_WORDS, RELATIONS, SHAPES, TAGS, TRAIN_STREAM, draw, layout, sample_metadata,
+                    training_example)
 
 NEGATIVE_PROMPT = " "
 BUILD_DIR = "build"
 SUMMARY = "toy_teacher.json"
 CYCLE_KEYS = ("cycle_steps", "cycle_lr")
 CLI_SETTINGS = ("seed", "text_pretrain_steps", "flow_steps", "flow_cycles", "cycle_steps", "cycle_lr",
-                "guidance_steps")  # main()'s flags
+                "reading_order_from_cycle", "guidance_steps")  # main()'s flags
+UNORDERED_PAIRS = ("two_object", "color_attr")  # captions naming two objects whose prompt places neither
 
 
 @dataclass
@@ -93,6 +96,10 @@ class ToyTeacherConfig:
     # pooled CLIP vector the whole scene, as a real FLUX's pretrained encoders bind words in context
     text_pretrain_steps: int = 0
     text_pretrain_lr: float = 1e-3
+    # from this flow cycle on (0: never), the images of "a X and a Y" captions (two objects, colour attribution)
+    # show X left of Y: captions name such objects in reading order, so the word order tells the sample which
+    # shape goes where (the prompt grammar, the captions and the evaluation are unchanged)
+    reading_order_from_cycle: int = 0
     checkpoint_every: int = 500  # steps between resumable checkpoints of a running stage
 
     def dims(self) -> TinyFluxSize:
@@ -115,6 +122,37 @@ def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[di
         images[i] = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         metadata.append(example)
     return torch.from_numpy(images), metadata
+
+
+def reading_order_example(index: int, seed: int = 0, resolution: int = 64) -> tuple[dict, Image.Image, bool]:
+    """world.training_example(index, seed, resolution), except that an image of an `UNORDERED_PAIRS` caption whose
+    first-named object lies right of the second is mirrored left to right (a mirrored layout keeps every border
+    and gap). Returns (metadata, image, mirrored)."""
+    rng = np.random.default_rng([TRAIN_STREAM, seed, index])  # world.training_example's draws, in its order
+    metadata = sample_metadata(TAGS[index % len(TAGS)], rng)
+    placed = layout(metadata, rng, resolution)
+    mirrored = metadata["tag"] in UNORDERED_PAIRS and placed[0].cx > placed[1].cx
+    if mirrored:
+        placed = [replace(obj, cx=resolution - obj.cx) for obj in placed]
+    return metadata, draw(placed, resolution), mirrored
+
+
+def reading_order_latents(vae, latents: torch.Tensor, config: ToyTeacherConfig) -> torch.Tensor:
+    """The normalised latents of the training set with its `UNORDERED_PAIRS` images in reading order: the mirrored
+    images encoded by the trained VAE (posterior mean, its shift and scale), the others unchanged."""
+    ordered = latents.clone()
+    mirrored = []
+    for i in range(config.num_images):
+        _, image, flipped = reading_order_example(i, config.seed, config.resolution)
+        if flipped:
+            mirrored.append((i, np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0))
+    if mirrored:
+        index = torch.tensor([i for i, _ in mirrored])
+        images = torch.from_numpy(np.stack([x for _, x in mirrored]))
+        with torch.no_grad():
+            means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        ordered[index] = (means - vae.config.shift_factor) * vae.config.scaling_factor
+    return ordered
 
 
 def _log(log, msg: str) -> None:
@@ -393,22 +431,30 @@ def pretrain_text_encoders(text: CaptionEncoder, metadata: list[dict], config: T
 
 def train_transformer(components: dict, latents: torch.Tensor, metadata: list[dict], config: ToyTeacherConfig,
                       generator: torch.Generator, build: Path, log=print, snapshot=None, snapshot_every: int = 1000,
-                      stop_after: int | None = None) -> tuple[dict, float | None] | None:
+                      stop_after: int | None = None, ordered_latents: torch.Tensor | None = None
+                      ) -> tuple[dict, float | None] | None:
     """The text stage (if `text_pretrain_steps`), stage 2 (flow matching, encoders trained with the transformer
     unless pretrained and frozen) and stage 3 (guidance distillation).
 
     `snapshot(stage, step, [transformer, text_encoder, text_encoder_2 state dicts])`, if given, receives the
-    EMA weights every `snapshot_every` steps (to follow quality during a long build). Returns the final
+    EMA weights every `snapshot_every` steps (to follow quality during a long build). `ordered_latents` (the
+    training set in reading order, see `reading_order_latents`) replace `latents` from cycle
+    `config.reading_order_from_cycle` on, and in the guidance stage after it. Returns the final
     losses and the text stage's read-out accuracy (None without it), or None when `stop_after` (training steps of
     this call) stopped the build early.
     """
     transformer = components["transformer"]
     h, w = latents.shape[-2:]
-    x_all = pack_latents(latents)
+    data = {"x": pack_latents(latents)}  # the training latents of the running cycle
+
+    def use_cycle_data(cycle: int) -> None:
+        if config.reading_order_from_cycle and cycle >= config.reading_order_from_cycle:
+            data["x"] = pack_latents(ordered_latents)
+
     ids = image_ids(h, w)
     captions = [m["prompt"] for m in metadata]
     text = CaptionEncoder(components, captions, config.max_sequence_length)
-    runner = StageRunner(build, config, generator, len(x_all), [transformer, *text.encoders()], log, snapshot,
+    runner = StageRunner(build, config, generator, len(data["x"]), [transformer, *text.encoders()], log, snapshot,
                          snapshot_every, stop_after)
     history = {}
     text_accuracy = None
@@ -422,7 +468,7 @@ def train_transformer(components: dict, latents: torch.Tensor, metadata: list[di
         return [NEGATIVE_PROMPT if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
 
     def flow_loss(idx):
-        x0 = x_all[idx]
+        x0 = data["x"][idx]
         tau, eps, g = _draw(x0, config, generator)
         drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
         x = (1 - tau[:, None, None]) * x0 + tau[:, None, None] * eps
@@ -439,6 +485,7 @@ def train_transformer(components: dict, latents: torch.Tensor, metadata: list[di
     if not config.train_text_encoders:
         text.freeze()
     transformer.train()
+    use_cycle_data(1)
     losses, finished = runner.run("flow", config.flow_steps, modules, flow_loss)
     history["flow"] = losses
     if not finished:
@@ -446,6 +493,7 @@ def train_transformer(components: dict, latents: torch.Tensor, metadata: list[di
     # warm restarts from the previous cycle's EMA (run() ends a stage with its EMA in the weights); each cycle
     # starts its own EMA, with the usual warm-up; the summary's flow loss is the last cycle's
     for cycle in range(2, config.flow_cycles + 1):
+        use_cycle_data(cycle)
         losses, finished = runner.run(f"flow_cycle{cycle}", config.cycle_steps or config.flow_steps, modules,
                                       flow_loss, lr=config.cycle_lr)
         history["flow"] = losses
@@ -456,7 +504,7 @@ def train_transformer(components: dict, latents: torch.Tensor, metadata: list[di
         frozen = copy.deepcopy(transformer).eval().requires_grad_(False)
 
         def guidance_loss(idx):
-            x0 = x_all[idx]
+            x0 = data["x"][idx]
             tau, eps, g = _draw(x0, config, generator)
             x = (1 - tau[:, None, None]) * x0 + tau[:, None, None] * eps
             with torch.no_grad():
@@ -489,9 +537,14 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
         previous.setdefault("text_pretrain_steps", 0)  # made before the text stage existed
         if previous["text_pretrain_steps"] == 0:
             previous["text_pretrain_lr"] = identity["text_pretrain_lr"]
-        # more cycles continue a build; the guidance stage after the new last cycle starts afresh
+        previous.setdefault("reading_order_from_cycle", 0)
+        # more cycles continue a build; the guidance stage after the new last cycle starts afresh, and reading
+        # order may start with a new cycle (the build's cycles so far did not use it)
         grown = previous["flow_cycles"] < config.flow_cycles
         free = ("flow_cycles", "guidance_steps") if grown else ()
+        if grown and previous["reading_order_from_cycle"] in (0, config.reading_order_from_cycle) \
+                and config.reading_order_from_cycle > previous["flow_cycles"]:
+            free += ("reading_order_from_cycle",)
         changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v and k not in free}
         if changed:
             held = ", ".join(f"{k} {old} (asked {new})" for k, (old, new) in changed.items())
@@ -541,8 +594,13 @@ def build_toy_teacher(output_dir: str | Path, config: ToyTeacherConfig | None = 
         components["vae"].save_pretrained(build / "vae", safe_serialization=True)
         atomic_torch_save({"latents": latents, "generator": generator.get_state()}, build / "latents.pt")
     del images
+    ordered = None
+    if config.reading_order_from_cycle:
+        ordered = reading_order_latents(components["vae"], latents, config)
+        _log(log, f"reading order from cycle {config.reading_order_from_cycle}: "
+                  f"{int((ordered != latents).flatten(1).any(1).sum())} images mirrored")
     trained = train_transformer(components, latents, metadata, config, generator, build, log, snapshot,
-                                snapshot_every, stop_after)
+                                snapshot_every, stop_after, ordered)
     if trained is None:
         return None
     final_losses, text_accuracy = trained
@@ -582,6 +640,9 @@ def main(argv=None) -> None:
                         help="steps of each cycle after the first (0, the default: --flow_steps)")
     parser.add_argument("--cycle_lr", type=positive_float, default=None,
                         help="peak learning rate of the cycles after the first")
+    parser.add_argument("--reading_order_from_cycle", type=nonnegative_int, default=None,
+                        help="from this flow cycle on, 'a X and a Y' images show X left of Y (0: never); a finished "
+                             "build can take it with a new cycle")
     parser.add_argument("--guidance_steps", type=nonnegative_int, default=None)
     parser.add_argument("--stop_after", type=positive_int, default=None,
                         help="stop (resumably) after this many training steps of this run")
