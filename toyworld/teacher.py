@@ -142,7 +142,8 @@ def reading_order_latents(vae, latents: torch.Tensor, config: ToyTeacherConfig) 
     images encoded by the trained VAE (posterior mean, its shift and scale), the others unchanged."""
     ordered = latents.clone()
     mirrored = []
-    for i in range(config.num_images):
+    pairs = [i for i in range(config.num_images) if TAGS[i % len(TAGS)] in UNORDERED_PAIRS]  # tags cycle by index
+    for i in pairs:
         _, image, flipped = reading_order_example(i, config.seed, config.resolution)
         if flipped:
             mirrored.append((i, np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0))
