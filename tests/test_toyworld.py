@@ -592,3 +592,31 @@ def test_teacher_build_takes_reading_order_with_a_new_cycle_like_a_straight_buil
     assert any(f.read_bytes() != (tmp_path / "unordered" / "transformer" / f.name).read_bytes() for f in files)
     with pytest.raises(ValueError, match="reading_order_from_cycle 0 \\(asked 2\\); continue it with"):
         build_toy_teacher(tmp_path / "unordered", replace(ordered, flow_cycles=3), log=None)
+    with pytest.raises(ValueError, match="--reading_order_from_cycle 3 names a cycle after the last"):
+        build_toy_teacher(tmp_path / "unordered", replace(ordered, reading_order_from_cycle=3), log=None)
+
+
+def test_reading_order_latents_are_the_mirrored_images_encoded_like_the_training_set(tmp_path):
+    """Exactly the mirrored examples' latents change, and the normalisation reproduces the build's own latents."""
+    from diffusers import AutoencoderKL
+
+    from toyworld.teacher import (PRESETS, _model_range, build_toy_teacher, posterior_means, reading_order_example,
+                                  reading_order_latents)
+
+    config = replace(PRESETS["smoke"], num_images=24, vae_steps=2, flow_steps=1, guidance_steps=0, batch=4,
+                     vae_batch=2)
+    build_toy_teacher(tmp_path / "t", config, log=None)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "t" / "build" / "vae")
+    latents = torch.load(tmp_path / "t" / "build" / "latents.pt", weights_only=True)["latents"]
+    examples = [reading_order_example(i, config.seed, config.resolution) for i in range(config.num_images)]
+    mirrored = torch.tensor([flipped for _, _, flipped in examples])
+    ordered = reading_order_latents(vae, latents, config)
+    assert mirrored.any() and torch.equal((ordered != latents).flatten(1).any(1), mirrored)
+    plain = torch.from_numpy(np.stack([_model_range(world.training_example(i, config.seed, config.resolution)[1])
+                                       for i in range(config.num_images)]))
+    again = (posterior_means(vae, plain) - vae.config.shift_factor) * vae.config.scaling_factor
+    # (to CPU conv kernels' batch-size-dependent rounding; a wrong shift or scale is off by O(1))
+    assert torch.allclose(again, latents, atol=2e-3), (again - latents).abs().max()
+    flipped = torch.from_numpy(np.stack([_model_range(image) for _, image, _ in examples]))
+    assert torch.allclose((posterior_means(vae, flipped) - vae.config.shift_factor) * vae.config.scaling_factor,
+                          ordered, atol=2e-3)

@@ -113,13 +113,24 @@ class ToyTeacherConfig:
                 if k != "checkpoint_every"}
 
 
+def _model_range(image: Image.Image) -> np.ndarray:
+    """An RGB image as a [3, R, R] float32 array in [-1, 1]."""
+    return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def posterior_means(vae, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior means of `images` ([-1, 1]), 256 at a time."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+
+
 def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[dict]]:
     """Images in [-1, 1] [N, 3, R, R] and their GenEval metadata (the caption is its "prompt")."""
     images = np.empty((config.num_images, 3, config.resolution, config.resolution), dtype=np.float32)
     metadata = []
     for i in range(config.num_images):
         example, image = training_example(i, config.seed, config.resolution)
-        images[i] = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        images[i] = _model_range(image)
         metadata.append(example)
     return torch.from_numpy(images), metadata
 
@@ -146,13 +157,11 @@ def reading_order_latents(vae, latents: torch.Tensor, config: ToyTeacherConfig) 
     for i in pairs:
         _, image, flipped = reading_order_example(i, config.seed, config.resolution)
         if flipped:
-            mirrored.append((i, np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0))
+            mirrored.append((i, _model_range(image)))
     if mirrored:
         index = torch.tensor([i for i, _ in mirrored])
-        images = torch.from_numpy(np.stack([x for _, x in mirrored]))
-        with torch.no_grad():
-            means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-        ordered[index] = (means - vae.config.shift_factor) * vae.config.scaling_factor
+        means = posterior_means(vae, torch.from_numpy(np.stack([x for _, x in mirrored])))
+        ordered[index] = (means - vae.config.shift_factor) * vae.config.scaling_factor  # train_vae's normalisation
     return ordered
 
 
@@ -188,8 +197,7 @@ def train_vae(vae, images: torch.Tensor, config: ToyTeacherConfig, generator: to
         if step % 250 == 0 or step == config.vae_steps - 1:
             _log(log, f"vae step {step}: mse {F.mse_loss(recon, x).item():.5f}")
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    means = posterior_means(vae, images)
     shift, std = means.mean().item(), means.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
     return (means - shift) / std
@@ -527,6 +535,9 @@ def train_transformer(components: dict, latents: torch.Tensor, metadata: list[di
 def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
     from common.cli import UsageError
 
+    if config.reading_order_from_cycle > config.flow_cycles:
+        raise UsageError(f"--reading_order_from_cycle {config.reading_order_from_cycle} names a cycle after the last "
+                         f"(--flow_cycles {config.flow_cycles}); raise --flow_cycles or lower it")
     path = build / "config.json"
     identity = config.identity()
     if path.exists():
