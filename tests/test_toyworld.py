@@ -600,7 +600,7 @@ def test_reading_order_latents_are_the_mirrored_images_encoded_like_the_training
     """Exactly the mirrored examples' latents change, and the normalisation reproduces the build's own latents."""
     from diffusers import AutoencoderKL
 
-    from toyworld.teacher import (PRESETS, _model_range, build_toy_teacher, posterior_means, reading_order_example,
+    from toyworld.teacher import (PRESETS, _model_range, build_toy_teacher, normalised_latents, reading_order_example,
                                   reading_order_latents)
 
     config = replace(PRESETS["smoke"], num_images=24, vae_steps=2, flow_steps=1, guidance_steps=0, batch=4,
@@ -614,9 +614,8 @@ def test_reading_order_latents_are_the_mirrored_images_encoded_like_the_training
     assert mirrored.any() and torch.equal((ordered != latents).flatten(1).any(1), mirrored)
     plain = torch.from_numpy(np.stack([_model_range(world.training_example(i, config.seed, config.resolution)[1])
                                        for i in range(config.num_images)]))
-    again = (posterior_means(vae, plain) - vae.config.shift_factor) * vae.config.scaling_factor
+    again = normalised_latents(vae, plain)
     # (to CPU conv kernels' batch-size-dependent rounding; a wrong shift or scale is off by O(1))
     assert torch.allclose(again, latents, atol=2e-3), (again - latents).abs().max()
     flipped = torch.from_numpy(np.stack([_model_range(image) for _, image, _ in examples]))
-    assert torch.allclose((posterior_means(vae, flipped) - vae.config.shift_factor) * vae.config.scaling_factor,
-                          ordered, atol=2e-3)
+    assert torch.allclose(normalised_latents(vae, flipped), ordered, atol=2e-3)

@@ -124,6 +124,11 @@ def posterior_means(vae, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
 
 
+def normalised_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """The latents the flow stage trains on: posterior means with the VAE's shift and scale (set by train_vae)."""
+    return (posterior_means(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
+
+
 def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[dict]]:
     """Images in [-1, 1] [N, 3, R, R] and their GenEval metadata (the caption is its "prompt")."""
     images = np.empty((config.num_images, 3, config.resolution, config.resolution), dtype=np.float32)
@@ -160,8 +165,7 @@ def reading_order_latents(vae, latents: torch.Tensor, config: ToyTeacherConfig) 
             mirrored.append((i, _model_range(image)))
     if mirrored:
         index = torch.tensor([i for i, _ in mirrored])
-        means = posterior_means(vae, torch.from_numpy(np.stack([x for _, x in mirrored])))
-        ordered[index] = (means - vae.config.shift_factor) * vae.config.scaling_factor  # train_vae's normalisation
+        ordered[index] = normalised_latents(vae, torch.from_numpy(np.stack([x for _, x in mirrored])))
     return ordered
 
 
@@ -554,8 +558,8 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
         # order may start with a new cycle (the build's cycles so far did not use it)
         grown = previous["flow_cycles"] < config.flow_cycles
         free = ("flow_cycles", "guidance_steps") if grown else ()
-        if grown and previous["reading_order_from_cycle"] in (0, config.reading_order_from_cycle) \
-                and config.reading_order_from_cycle > previous["flow_cycles"]:
+        unused = previous["reading_order_from_cycle"] == 0
+        if grown and unused and config.reading_order_from_cycle > previous["flow_cycles"]:
             free += ("reading_order_from_cycle",)
         changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v and k not in free}
         if changed:
