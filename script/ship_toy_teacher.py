@@ -25,13 +25,14 @@ sys.path.insert(0, str(ROOT / "script"))
 import toy_benchmark  # noqa: E402
 
 PIPELINE_PARTS = toy_benchmark.FINISHED_TEACHER_PARTS
+DEFAULT_WORK = ROOT / "outputs" / "ship_toy_teacher"
 
 
 def folder_megabytes(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
-def ship(teacher: Path, dest: Path, work: Path, rescale_steps: int, data_images: int, batch: int,
+def ship(teacher: Path, dest: Path, work: Path | None, rescale_steps: int, data_images: int, batch: int,
          max_megabytes: float, force: bool = False) -> Path:
     from common.cli import UsageError
 
@@ -42,6 +43,10 @@ def ship(teacher: Path, dest: Path, work: Path, rescale_steps: int, data_images:
     config = built["config"]
     preset = {"resolution": config["resolution"], "max_sequence_length": config["max_sequence_length"],
               "data_images": data_images, "eval_per_tag": 1, "batch": batch, "rescale_steps": rescale_steps}
+    digest = toy_benchmark.teacher_digest(teacher)
+    work = work or DEFAULT_WORK / digest[:16]  # one folder per teacher: a rebuilt teacher never reuses a stale twin
+    toy_benchmark.claim_run_dir(work, {"teacher": digest, "rescale_steps": rescale_steps, "data_images": data_images,
+                                       "batch": batch}, "--work_dir")
     start = time.perf_counter()
     data, _ = toy_benchmark.stage_data(work, preset, seed=0)
     toy_benchmark.stage_rescale(work, teacher, data, preset, rescale=True)
@@ -75,16 +80,18 @@ def main(argv=None) -> Path:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--teacher_dir", required=True, help="a finished build of python -m toyworld.teacher")
     parser.add_argument("--dest", default=str(toy_benchmark.SHIPPED_TEACHER))
-    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "ship_toy_teacher"),
-                        help="world data and the rescale run (reused when present)")
+    parser.add_argument("--work_dir", default=None,
+                        help="world data and the rescale run, reused when present (default: "
+                             "outputs/ship_toy_teacher/<the teacher's content hash>)")
     parser.add_argument("--rescale_steps", type=positive_int, default=1000)
     parser.add_argument("--data_images", type=positive_int, default=6000)
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--max_megabytes", type=positive_float, default=50.0)
     parser.add_argument("--force", action="store_true", help="replace an existing shipped teacher")
     args = parser.parse_args(argv)
-    return ship(Path(args.teacher_dir), Path(args.dest), Path(args.work_dir), args.rescale_steps, args.data_images,
-                args.batch, args.max_megabytes, args.force)
+    work = Path(args.work_dir) if args.work_dir else None
+    return ship(Path(args.teacher_dir), Path(args.dest), work, args.rescale_steps, args.data_images, args.batch,
+                args.max_megabytes, args.force)
 
 
 if __name__ == "__main__":

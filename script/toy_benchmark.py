@@ -294,6 +294,44 @@ def check_teacher_dir(teacher: Path) -> None:
                          "flags it was started with), or pass another folder")
 
 
+def teacher_digest(teacher: Path) -> str:
+    """A content hash of a teacher folder's pipeline files and, when it has one, its x1 twin."""
+    digest = hashlib.sha256()
+    for part in TEACHER_PARTS + (SHIPPED_X1,):
+        path = teacher / part
+        for file in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if file.is_file():
+                digest.update(f"{file.relative_to(teacher)}\0".encode() + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+RUN_STAMP = "run_inputs.json"  # what a run folder's reused stages were made from
+REUSED_STAGES = ("data", "eval_metadata.jsonl", "rescale", "students", "samples")
+
+
+def claim_run_dir(out: Path, inputs: dict, flag: str) -> None:
+    """Tie the run folder `out` to `inputs` (the teacher's digest and the settings its stages depend on): the first
+    run records them, a later run with other inputs is refused on one line, since its stages would reuse outputs
+    made from something else (another teacher's students, another budget's samples)."""
+    from common.cli import UsageError
+    from training.checkpoint import atomic_write_text
+
+    stamp = out / RUN_STAMP
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        changed = sorted(k for k in inputs.keys() | previous.keys() if inputs.get(k) != previous.get(k))
+        if changed:
+            raise UsageError(f"{out} holds a run made with another {', '.join(changed)} (its stages would be reused); "
+                             f"pass another {flag} or delete that folder")
+        return
+    stale = [name for name in REUSED_STAGES if (out / name).exists()]
+    if stale:
+        raise UsageError(f"{out} holds {', '.join(stale)} without a record of what made them ({RUN_STAMP}); pass "
+                         f"another {flag} or delete that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(inputs, indent=1, sort_keys=True))
+
+
 def teacher_row_key(teacher: Path, eval_file: Path, nfe: int, preset: dict, guidance: float) -> str:
     """A content hash of everything a teacher row depends on: the teacher pipeline's files (not its records, build
     state or x1 twin), the held-out prompts, the sampling settings and the sampling/scoring code. Any change gives
@@ -501,6 +539,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
 
     teacher = stage_teacher(out, preset, args.seed, Path(args.teacher_dir) if args.teacher_dir else None, build)
+    claim_run_dir(out, {"teacher": teacher_digest(teacher), "mode": args.mode, "guidance_scale": args.guidance_scale,
+                        "seed": args.seed, "minutes": preset.get("minutes"), "jobs": args.jobs,
+                        "rescale": bool(args.rescale or build)}, "--output_dir")
     seconds = {"teacher": time.perf_counter() - start}
     # prompts are encoded and images drawn as the teacher was trained
     built = json.loads((teacher / TEACHER_SUMMARY).read_text())["config"]

@@ -84,3 +84,52 @@ def test_shipping_refuses_unfinished_builds_and_overwrites(shipped, tmp_path):
                                "--work_dir", str(tmp / "work"), "--rescale_steps", "2", "--data_images", "16",
                                "--batch", "4", "--max_megabytes", "0.01"])
     assert before == {p: p.stat().st_mtime for p in dest.rglob("*")}  # the shipped folder is left intact
+
+
+def _other_teacher(src: Path, dst: Path) -> Path:
+    """A copy of a teacher folder whose content differs (its scheduler config gains a trailing newline)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = dst / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text() + "\n")
+    return dst
+
+
+def test_runs_are_tied_to_their_teacher_and_settings(shipped, tmp_path, monkeypatch):
+    """A rebuilt teacher never reuses the rescale run (x1 twin) of the one before, and a benchmark folder refuses
+    another teacher or guidance instead of mixing its stages with theirs."""
+    import ship_toy_teacher
+    import toy_benchmark
+    from common.cli import UsageError
+
+    tmp, dest = shipped
+    other = _other_teacher(tmp / "built", tmp_path / "other")
+    assert toy_benchmark.teacher_digest(other) != toy_benchmark.teacher_digest(tmp / "built")
+    with pytest.raises(UsageError, match=r"work holds a run made with another teacher .*pass another --work_dir"):
+        ship_toy_teacher.main(["--teacher_dir", str(other), "--dest", str(tmp_path / "d"), "--work_dir",
+                               str(tmp / "work"), "--rescale_steps", "2", "--data_images", "16", "--batch", "4"])
+    assert not (tmp_path / "d").exists()
+    # the default work folder is one per teacher content
+    monkeypatch.setattr(ship_toy_teacher, "DEFAULT_WORK", tmp_path / "works")
+    ship_toy_teacher.main(["--teacher_dir", str(other), "--dest", str(tmp_path / "d"), "--rescale_steps", "2",
+                           "--data_images", "16", "--batch", "4"])
+    (work,) = (tmp_path / "works").iterdir()
+    assert work.name == toy_benchmark.teacher_digest(other)[:16]
+    # a folder from before the record (stages, no run_inputs.json) is refused too
+    stale = tmp_path / "stale"
+    (stale / "students").mkdir(parents=True)
+    with pytest.raises(UsageError, match="holds students without a record of what made them"):
+        toy_benchmark.claim_run_dir(stale, {"teacher": "x"}, "--output_dir")
+
+    out = tmp / "bench"  # the smoke run of test_benchmark_uses_the_shipped_twin_instead_of_rescaling, or a fresh one
+    toy_benchmark.claim_run_dir(out, {"teacher": toy_benchmark.teacher_digest(dest), "mode": "smoke",
+                                      "guidance_scale": 3.5, "seed": 0, "minutes": None, "jobs": 1, "rescale": False},
+                                "--output_dir")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for flags, changed in ((["--guidance_scale", "2"], "guidance_scale"),
+                           (["--teacher_dir", str(_other_teacher(dest, tmp_path / "other_shipped"))], "teacher")):
+        argv = ["--mode", "smoke", "--teacher_dir", str(dest), "--output_dir", str(out), "--students", "scm", *flags]
+        with pytest.raises(UsageError, match=f"holds a run made with another {changed} "):
+            toy_benchmark.main(argv)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

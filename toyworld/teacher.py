@@ -45,8 +45,7 @@ from model.transformer import flux_velocity
 from training.checkpoint import atomic_torch_save, atomic_write_text
 
 from .captions import object_descriptions, word_objects
-from .world import (COLORS, NUMBER_WORDS, RELATIONS, SHAPES, TAGS, TRAIN_STREAM, draw, layout, sample_metadata,
-                    training_example)
+from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, TAGS, draw, training_example, training_layout
 
 NEGATIVE_PROMPT = " "
 BUILD_DIR = "build"
@@ -144,9 +143,7 @@ def reading_order_example(index: int, seed: int = 0, resolution: int = 64) -> tu
     """world.training_example(index, seed, resolution), except that an image of an `UNORDERED_PAIRS` caption whose
     first-named object lies right of the second is mirrored left to right (a mirrored layout keeps every border
     and gap). Returns (metadata, image, mirrored)."""
-    rng = np.random.default_rng([TRAIN_STREAM, seed, index])  # world.training_example's draws, in its order
-    metadata = sample_metadata(TAGS[index % len(TAGS)], rng)
-    placed = layout(metadata, rng, resolution)
+    metadata, placed = training_layout(index, seed, resolution)
     mirrored = metadata["tag"] in UNORDERED_PAIRS and placed[0].cx > placed[1].cx
     if mirrored:
         placed = [replace(obj, cx=resolution - obj.cx) for obj in placed]

@@ -243,11 +243,18 @@ def render(metadata: dict, rng: np.random.Generator, resolution: int = 64) -> Im
     return draw(layout(metadata, rng, resolution), resolution)
 
 
-def training_example(index: int, seed: int = 0, resolution: int = 64) -> tuple[dict, Image.Image]:
-    """Training example `index`: tags cycle through `TAGS`; its rng depends on (seed, index) only."""
+def training_layout(index: int, seed: int = 0, resolution: int = 64) -> tuple[dict, list[PlacedObject]]:
+    """Training example `index` before drawing: (metadata, placed objects). Tags cycle through `TAGS`; its rng
+    depends on (seed, index) only."""
     rng = np.random.default_rng([TRAIN_STREAM, seed, index])
     metadata = sample_metadata(TAGS[index % len(TAGS)], rng)
-    return metadata, render(metadata, rng, resolution)
+    return metadata, layout(metadata, rng, resolution)
+
+
+def training_example(index: int, seed: int = 0, resolution: int = 64) -> tuple[dict, Image.Image]:
+    """Training example `index`, drawn: (metadata, image)."""
+    metadata, placed = training_layout(index, seed, resolution)
+    return metadata, draw(placed, resolution)
 
 
 def eval_metadata(num_prompts_per_tag: int = 50, seed: int = 0) -> list[dict]:
