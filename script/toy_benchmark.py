@@ -78,9 +78,14 @@ PRESETS = {
                   # not the held-out seed 0), 64 per category, 1/2 steps. MeanFlow: lr 6e-4 at batch 8 (~110 steps)
                   # 0.14/0.23 vs lr 2e-4 at 32: 0.07/0.21 (6e-4 / 16: 0.10/0.24; 1e-3 / 16: 0.10/0.19). sCM: batch 8
                   # with a 20-step tangent warm-up (the full preset's 100 is longer than this budget) 0.21/0.29
-                  # (lr 6e-4: 0.20/0.23); at batch 32 it scored 0.08-0.12/0.19-0.23 on the held-out prompts
+                  # (lr 6e-4: 0.20/0.23); at batch 32 it scored 0.08-0.12/0.19-0.23 on the held-out prompts.
+                  # SiD (the 0.678 teacher; validation, 64 per category, 1/2 steps, Euler 0.065/0.242): the full
+                  # preset's batch 16, K=4 generator steps (~65 steps) 0.122/0.234; batch 8 (~100) 0.138/0.323;
+                  # batch 8, K=2 (the steps it is sampled at; ~113) 0.146/0.372; batch 8 lr 6e-4 0.161/0.312;
+                  # batch 8, K=2, lr 6e-4 0.099/0.255; batch 4, K=2 0.117/0.331
                   student_flags={"meanflow": ["--learning_rate", "6e-4", "--train_batch_size", "8"],
-                                 "scm": ["--train_batch_size", "8", "--tangent_warmup_steps", "20"]}),
+                                 "scm": ["--train_batch_size", "8", "--tangent_warmup_steps", "20"],
+                                 "sid": ["--train_batch_size", "8", "--num_generator_steps", "2"]}),
     "smoke": dict(teacher=TEACHER_PRESETS["smoke"], data_images=24, eval_per_tag=1, batch=4, minutes=None, steps=2,
                   students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=2, nfes=(1,), teacher_steps=2,
                   chance_per_tag=10, build_teacher=True, recorded_teacher_nfes=(2,)),
