@@ -299,14 +299,22 @@ def check_teacher_dir(teacher: Path) -> None:
                          "flags it was started with), or pass another folder")
 
 
+def _hash_files(digest, files: list[Path], teacher: Path) -> None:
+    """Feed each file's name (relative to the teacher folder when inside it) and content hash to `digest`."""
+    for path in files:
+        name = path.relative_to(teacher) if path.is_relative_to(teacher) else path.name
+        digest.update(f"{name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+
+
+def _teacher_files(teacher: Path, parts: tuple[str, ...]) -> list[Path]:
+    return sorted(p for part in parts for p in ([teacher / part] if (teacher / part).is_file()
+                                                else (teacher / part).rglob("*")) if p.is_file())
+
+
 def teacher_digest(teacher: Path) -> str:
     """A content hash of a teacher folder's pipeline files and, when it has one, its x1 twin."""
     digest = hashlib.sha256()
-    for part in TEACHER_PARTS + (SHIPPED_X1,):
-        path = teacher / part
-        for file in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
-            if file.is_file():
-                digest.update(f"{file.relative_to(teacher)}\0".encode() + hashlib.sha256(file.read_bytes()).digest())
+    _hash_files(digest, _teacher_files(teacher, TEACHER_PARTS + (SHIPPED_X1,)), teacher)
     return digest.hexdigest()
 
 
@@ -342,11 +350,7 @@ def teacher_row_key(teacher: Path, eval_file: Path, nfe: int, preset: dict, guid
     state or x1 twin), the held-out prompts, the sampling settings and the sampling/scoring code. Any change gives
     another key."""
     digest = hashlib.sha256()
-    files = sorted(p for part in TEACHER_PARTS for p in ([teacher / part] if (teacher / part).is_file()
-                                                         else (teacher / part).rglob("*")) if p.is_file())
-    for path in files + [eval_file] + [ROOT / s for s in ROW_SOURCES]:
-        name = path.relative_to(teacher) if path.is_relative_to(teacher) else path.name
-        digest.update(f"{name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    _hash_files(digest, _teacher_files(teacher, TEACHER_PARTS) + [eval_file] + [ROOT / s for s in ROW_SOURCES], teacher)
     settings = {"nfe": nfe, "guidance": guidance, "images_per_prompt": preset.get("images_per_prompt", 4),
                 "resolution": preset["resolution"], "max_sequence_length": preset["max_sequence_length"],
                 "seed": SAMPLE_SEED}

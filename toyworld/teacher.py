@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.conventions import flux_mu, shift_times
-from model.latents import image_ids, pack_latents
+from model.latents import image_ids, normalize_latents, pack_latents
 from model.text import PromptEmbeds
 from model.tiny_flux import TinyFluxSize, build_components
 from model.transformer import flux_velocity
@@ -125,7 +125,7 @@ def posterior_means(vae, images: torch.Tensor) -> torch.Tensor:
 
 def normalised_latents(vae, images: torch.Tensor) -> torch.Tensor:
     """The latents the flow stage trains on: posterior means with the VAE's shift and scale (set by train_vae)."""
-    return (posterior_means(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
+    return normalize_latents(posterior_means(vae, images), vae.config)
 
 
 def render_training_set(config: ToyTeacherConfig) -> tuple[torch.Tensor, list[dict]]:
