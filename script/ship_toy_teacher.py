@@ -44,7 +44,8 @@ def ship(teacher: Path, dest: Path, work: Path | None, rescale_steps: int, data_
     preset = {"resolution": config["resolution"], "max_sequence_length": config["max_sequence_length"],
               "data_images": data_images, "eval_per_tag": 1, "batch": batch, "rescale_steps": rescale_steps}
     digest = toy_benchmark.teacher_digest(teacher)
-    work = work or DEFAULT_WORK / digest[:16]  # one folder per teacher: a rebuilt teacher never reuses a stale twin
+    # one folder per teacher and settings: a rebuilt teacher never reuses a stale twin
+    work = work or DEFAULT_WORK / f"{digest[:16]}-{rescale_steps}-{data_images}-{batch}"
     toy_benchmark.claim_run_dir(work, {"teacher": digest, "rescale_steps": rescale_steps, "data_images": data_images,
                                        "batch": batch}, "--work_dir")
     start = time.perf_counter()
@@ -81,8 +82,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--teacher_dir", required=True, help="a finished build of python -m toyworld.teacher")
     parser.add_argument("--dest", default=str(toy_benchmark.SHIPPED_TEACHER))
     parser.add_argument("--work_dir", default=None,
-                        help="world data and the rescale run, reused when present (default: "
-                             "outputs/ship_toy_teacher/<the teacher's content hash>)")
+                        help="world data and the rescale run, reused when present (default: outputs/ship_toy_teacher/"
+                             "<the first 16 hex digits of the teacher's content hash>-<steps>-<images>-<batch>)")
     parser.add_argument("--rescale_steps", type=positive_int, default=1000)
     parser.add_argument("--data_images", type=positive_int, default=6000)
     parser.add_argument("--batch", type=positive_int, default=32)

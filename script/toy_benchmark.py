@@ -320,29 +320,62 @@ def teacher_digest(teacher: Path) -> str:
 
 RUN_STAMP = "run_inputs.json"  # what a run folder's reused stages were made from
 REUSED_STAGES = ("data", "eval_metadata.jsonl", "rescale", "students", "samples")
+LATER_KEYS = ("settings",)  # added to the record later: a record without them is read as matching (and completed)
 
 
-def claim_run_dir(out: Path, inputs: dict, flag: str) -> None:
+def _shown(value) -> str:
+    return repr(value[:12] if isinstance(value, str) and len(value) == 64 else value)  # digests: their first 12
+
+
+def claim_run_dir(out: Path, inputs: dict, flag: str, only: tuple[str, ...] | None = None) -> None:
     """Tie the run folder `out` to `inputs` (the teacher's digest and the settings its stages depend on): the first
-    run records them, a later run with other inputs is refused on one line, since its stages would reuse outputs
-    made from something else (another teacher's students, another budget's samples)."""
+    run records them; a later run with other inputs, while stages made from the recorded ones exist, is refused on
+    one line naming what differs, since it would reuse outputs made from something else (another teacher's
+    students, another budget's samples). With `only`, just those keys are checked and nothing is recorded (a
+    check before the teacher exists, so a mismatch is refused before a teacher build)."""
     from common.cli import UsageError
     from training.checkpoint import atomic_write_text
 
     stamp = out / RUN_STAMP
+    stages = [name for name in REUSED_STAGES if (out / name).exists()]
+    fix = f"pass another {flag}, or delete {', '.join(stages)} in it"
+    if (out / "teacher" / TEACHER_SUMMARY).exists():
+        fix += f" (its built teacher stays usable with --teacher_dir {out / 'teacher'})"
     if stamp.exists():
-        previous = json.loads(stamp.read_text())
-        changed = sorted(k for k in inputs.keys() | previous.keys() if inputs.get(k) != previous.get(k))
-        if changed:
-            raise UsageError(f"{out} holds a run made with another {', '.join(changed)} (its stages would be reused); "
-                             f"pass another {flag} or delete that folder")
-        return
-    stale = [name for name in REUSED_STAGES if (out / name).exists()]
-    if stale:
-        raise UsageError(f"{out} holds {', '.join(stale)} without a record of what made them ({RUN_STAMP}); pass "
-                         f"another {flag} or delete that folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, json.dumps(inputs, indent=1, sort_keys=True))
+        try:
+            previous = json.loads(stamp.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        if not isinstance(previous, dict):
+            raise UsageError(f"{stamp} is not a JSON object of run inputs; delete it and the stages next to it, or "
+                             f"pass another {flag}")
+        keys = only if only is not None else sorted(inputs.keys() | previous.keys())
+        keys = [k for k in keys if not (k in LATER_KEYS and k not in previous)]  # records from before a key existed
+        changed = [f"{k} {_shown(previous.get(k))} (recorded) vs {_shown(inputs.get(k))}" for k in keys
+                   if inputs.get(k) != previous.get(k)]
+        if changed and stages:
+            raise UsageError(f"{out} holds {', '.join(stages)} made with other inputs: {'; '.join(changed)}; {fix}")
+        if not changed and (only is not None or previous == inputs):
+            return
+    elif stages:
+        raise UsageError(f"{out} holds {', '.join(stages)} without a record of what made them ({RUN_STAMP}); {fix}")
+    if only is None:  # a new folder, or a record whose stages were never made: (re)record
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, json.dumps(inputs, indent=1, sort_keys=True))
+
+
+def settings_digest(preset: dict) -> str:
+    """A hash of the preset's settings and the students' flags in this code (not the student or seed lists, which
+    only select which outputs a run makes, nor the teacher build's, which the teacher's content hash covers), so a
+    code change to them is not silently mixed with older stages."""
+    settings = sorted((k, v) for k, v in preset.items() if k not in ("students", "seeds", "teacher"))
+    return hashlib.sha256(repr((settings, STUDENTS, SID_FLAGS)).encode()).hexdigest()
+
+
+def run_inputs(args, preset: dict) -> dict:
+    """What a benchmark run folder's stages depend on, apart from the teacher (see `claim_run_dir`)."""
+    return {"mode": args.mode, "settings": settings_digest(preset), "guidance_scale": args.guidance_scale,
+            "seed": args.seed, "minutes": preset.get("minutes"), "jobs": args.jobs}
 
 
 def teacher_row_key(teacher: Path, eval_file: Path, nfe: int, preset: dict, guidance: float) -> str:
@@ -547,10 +580,13 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
+    inputs = run_inputs(args, preset)
+    claim_run_dir(out, inputs, "--output_dir", only=tuple(inputs))  # before a teacher build, not after it
+    if build and not (out / "teacher" / TEACHER_SUMMARY).exists():  # a new build cannot be the recorded teacher
+        claim_run_dir(out, {"teacher": "a teacher built by this run"}, "--output_dir", only=("teacher",))
     teacher = stage_teacher(out, preset, args.seed, Path(args.teacher_dir) if args.teacher_dir else None, build)
-    claim_run_dir(out, {"teacher": teacher_digest(teacher), "mode": args.mode, "guidance_scale": args.guidance_scale,
-                        "seed": args.seed, "minutes": preset.get("minutes"), "jobs": args.jobs,
-                        "rescale": bool(args.rescale or build)}, "--output_dir")
+    twin_made_here = bool(args.rescale or build or not (teacher / SHIPPED_X1).is_dir())
+    claim_run_dir(out, {**inputs, "teacher": teacher_digest(teacher), "rescale": twin_made_here}, "--output_dir")
     seconds = {"teacher": time.perf_counter() - start}
     # prompts are encoded and images drawn as the teacher was trained
     built = json.loads((teacher / TEACHER_SUMMARY).read_text())["config"]

@@ -1,5 +1,7 @@
 """Shipping a toy teacher: the pipeline plus its x1 twin, loadable through the normal loaders, used by the benchmark."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,30 +108,50 @@ def test_runs_are_tied_to_their_teacher_and_settings(shipped, tmp_path, monkeypa
     tmp, dest = shipped
     other = _other_teacher(tmp / "built", tmp_path / "other")
     assert toy_benchmark.teacher_digest(other) != toy_benchmark.teacher_digest(tmp / "built")
-    with pytest.raises(UsageError, match=r"work holds a run made with another teacher .*pass another --work_dir"):
+    refused = r"work holds .*rescale made with other inputs: teacher '.*pass another --work_dir"
+    with pytest.raises(UsageError, match=refused):
         ship_toy_teacher.main(["--teacher_dir", str(other), "--dest", str(tmp_path / "d"), "--work_dir",
                                str(tmp / "work"), "--rescale_steps", "2", "--data_images", "16", "--batch", "4"])
     assert not (tmp_path / "d").exists()
-    # the default work folder is one per teacher content
+    # the default work folder is one per teacher content and settings
     monkeypatch.setattr(ship_toy_teacher, "DEFAULT_WORK", tmp_path / "works")
     ship_toy_teacher.main(["--teacher_dir", str(other), "--dest", str(tmp_path / "d"), "--rescale_steps", "2",
                            "--data_images", "16", "--batch", "4"])
     (work,) = (tmp_path / "works").iterdir()
-    assert work.name == toy_benchmark.teacher_digest(other)[:16]
-    # a folder from before the record (stages, no run_inputs.json) is refused too
-    stale = tmp_path / "stale"
-    (stale / "students").mkdir(parents=True)
-    with pytest.raises(UsageError, match="holds students without a record of what made them"):
-        toy_benchmark.claim_run_dir(stale, {"teacher": "x"}, "--output_dir")
+    assert work.name == toy_benchmark.teacher_digest(other)[:16] + "-2-16-4"
 
     out = tmp / "bench"  # the smoke run of test_benchmark_uses_the_shipped_twin_instead_of_rescaling, or a fresh one
-    toy_benchmark.claim_run_dir(out, {"teacher": toy_benchmark.teacher_digest(dest), "mode": "smoke",
-                                      "guidance_scale": 3.5, "seed": 0, "minutes": None, "jobs": 1, "rescale": False},
-                                "--output_dir")
+    argv = ["--mode", "smoke", "--teacher_dir", str(dest), "--output_dir", str(out), "--students", "scm"]
+    if not (out / toy_benchmark.RUN_STAMP).exists():
+        toy_benchmark.main(argv)
+    recorded = json.loads((out / toy_benchmark.RUN_STAMP).read_text())
+    assert recorded["teacher"] == toy_benchmark.teacher_digest(dest) and recorded["guidance_scale"] == 3.5
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    for flags, changed in ((["--guidance_scale", "2"], "guidance_scale"),
-                           (["--teacher_dir", str(_other_teacher(dest, tmp_path / "other_shipped"))], "teacher")):
-        argv = ["--mode", "smoke", "--teacher_dir", str(dest), "--output_dir", str(out), "--students", "scm", *flags]
-        with pytest.raises(UsageError, match=f"holds a run made with another {changed} "):
-            toy_benchmark.main(argv)
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    other_shipped = _other_teacher(dest, tmp_path / "other_shipped")
+    for flags, changed in ((["--guidance_scale", "2"], "guidance_scale 3.5 (recorded) vs 2.0"),
+                           (["--teacher_dir", str(other_shipped)], "teacher '"),
+                           (["--build_teacher"], "teacher '"),  # refused before building, not after
+                           (["--rescale"], "rescale False (recorded) vs True")):
+        with pytest.raises(UsageError, match=f"holds .*students.* made with other inputs: {re.escape(changed)}"):
+            toy_benchmark.main(argv + flags)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and not (out / "teacher").exists()
+    # a folder from before the record (stages, no run_inputs.json) is refused; one without stages is claimed
+    stale = tmp_path / "stale"
+    (stale / "students").mkdir(parents=True)
+    with pytest.raises(UsageError, match="holds students without a record of what made them .*delete students in it"):
+        toy_benchmark.main(["--mode", "smoke", "--teacher_dir", str(dest), "--output_dir", str(stale)])
+    (stale / "students").rmdir()
+    for damaged in ("{", "[]"):
+        (stale / toy_benchmark.RUN_STAMP).write_text(damaged)
+        with pytest.raises(UsageError, match="is not a JSON object of run inputs"):
+            toy_benchmark.claim_run_dir(stale, {"teacher": "x"}, "--output_dir")
+    (stale / toy_benchmark.RUN_STAMP).write_text(json.dumps({"teacher": "x"}))
+    toy_benchmark.claim_run_dir(stale, {"teacher": "y"}, "--output_dir")  # nothing was made from "x": re-recorded
+    assert json.loads((stale / toy_benchmark.RUN_STAMP).read_text()) == {"teacher": "y"}
+    # a record from before the settings hash (with stages) is read as matching and completed
+    (stale / "students").mkdir()
+    (stale / toy_benchmark.RUN_STAMP).write_text(json.dumps({"teacher": "y"}))
+    toy_benchmark.claim_run_dir(stale, {"teacher": "y", "settings": "s"}, "--output_dir")
+    assert json.loads((stale / toy_benchmark.RUN_STAMP).read_text()) == {"teacher": "y", "settings": "s"}
+    with pytest.raises(UsageError, match=re.escape("settings 's' (recorded) vs 't'")):
+        toy_benchmark.claim_run_dir(stale, {"teacher": "y", "settings": "t"}, "--output_dir")
