@@ -12,6 +12,7 @@ the new one is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -46,8 +47,10 @@ def ship(teacher: Path, dest: Path, work: Path | None, rescale_steps: int, data_
     digest = toy_benchmark.teacher_digest(teacher)
     # one folder per teacher and settings: a rebuilt teacher never reuses a stale twin
     work = work or DEFAULT_WORK / f"{digest[:16]}-{rescale_steps}-{data_images}-{batch}"
+    twin_command = toy_benchmark.rescale_args(Path("<work>"), Path("<teacher>"), Path("<data>"), preset)
+    settings = hashlib.sha256(repr(twin_command).encode()).hexdigest()  # the twin's command line in this code
     toy_benchmark.claim_run_dir(work, {"teacher": digest, "rescale_steps": rescale_steps, "data_images": data_images,
-                                       "batch": batch}, "--work_dir")
+                                       "batch": batch, "settings": settings}, "--work_dir")
     start = time.perf_counter()
     data, _ = toy_benchmark.stage_data(work, preset, seed=0)
     toy_benchmark.stage_rescale(work, teacher, data, preset, rescale=True)

@@ -130,10 +130,21 @@ def stage_teacher(out: Path, preset: dict, seed: int, teacher_dir: Path | None, 
         teacher = teacher_dir or SHIPPED_TEACHER
         log(f"using the toy teacher in {teacher}")
         return teacher
-    if (out / "teacher" / TEACHER_SUMMARY).exists():
-        log(f"reusing the toy teacher built in {out / 'teacher'}")
-        return out / "teacher"
-    return build_toy_teacher(out / "teacher", replace(preset["teacher"], seed=seed), log=log)
+    from common.cli import UsageError
+    from toyworld.teacher import BUILD_DIR
+
+    config, teacher = replace(preset["teacher"], seed=seed), out / "teacher"
+    if (teacher / TEACHER_SUMMARY).exists():
+        made = teacher / BUILD_DIR / "config.json"
+        held = json.loads(made.read_text()) if made.exists() else {}
+        changed = [f"{k} {held.get(k)} (built) vs {v}" for k, v in config.identity().items() if held.get(k) != v]
+        if changed:
+            raise UsageError(f"{teacher} holds a teacher built with other settings than this --mode's "
+                             f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); pass another "
+                             f"--output_dir, or use it with --teacher_dir {teacher} (no --build_teacher)")
+        log(f"reusing the toy teacher built in {teacher}")
+        return teacher
+    return build_toy_teacher(teacher, config, log=log)
 
 
 def _train(module_name: str, argv: list[str], done: Path) -> Path:
@@ -160,15 +171,18 @@ def common_train_args(teacher: Path, data: Path, out: Path, preset: dict, seed: 
             "--lr_warmup_steps", "20", *budget]
 
 
+def rescale_args(out: Path, teacher: Path, data: Path, preset: dict) -> list[str]:
+    args = common_train_args(teacher, data, out / "rescale", {**preset, "minutes": None,
+                                                               "steps": preset["rescale_steps"]}, 0)
+    return args + ["--learning_rate", "3e-4", "--init", "remap", "--eval_steps", "8", "--eval_batches", "1"]
+
+
 def stage_rescale(out: Path, teacher: Path, data: Path, preset: dict, rescale: bool) -> Path:
     """The x1 twin: shipped with the teacher, or made here with train_rescale.py."""
     shipped = teacher / SHIPPED_X1
     if shipped.is_dir() and not rescale:
         return shipped
-    args = common_train_args(teacher, data, out / "rescale", {**preset, "minutes": None,
-                                                               "steps": preset["rescale_steps"]}, 0)
-    return _train("train_rescale", args + ["--learning_rate", "3e-4", "--init", "remap", "--eval_steps", "8",
-                                           "--eval_batches", "1"], out / "rescale" / "rescaled.pt")
+    return _train("train_rescale", rescale_args(out, teacher, data, preset), out / "rescale" / "rescaled.pt")
 
 
 def _train_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
@@ -195,6 +209,23 @@ def _train_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
         list(pool.map(run, jobs))
 
 
+def student_args(name: str, seed, run: Path, teacher: Path, rescaled: Path, data: Path, preset: dict,
+                 guidance: float) -> list[str]:
+    """The training command line of one student."""
+    _, sampler, flags = STUDENTS[name]
+    args = common_train_args(teacher, data, run, preset, seed) + flags
+    if sampler == "scm":
+        args += ["--rescaled_checkpoint_path", str(rescaled), "--scm_cfg_scale", str(guidance),
+                 "--tangent_warmup_steps", "100"]
+    elif sampler == "meanflow":
+        args += ["--rescaled_checkpoint_path", str(rescaled), "--cfg_scale", str(guidance)]
+    else:  # SiD: data-free (the captions of the training set, no image), from the original x1000 teacher
+        args += SID_FLAGS + ["--train_batch_size", str(preset.get("sid_batch", preset["batch"])),
+                             "--teacher_guidance", str(guidance), "--generator_guidance", str(guidance),
+                             "--fake_guidance", str(guidance)]
+    return args + preset.get("student_flags", {}).get(name, [])  # the preset's own settings for this budget
+
+
 def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: dict, guidance: float,
                   parallel: int = 1) -> dict:
     """Every student of the preset for every seed; students learn the teacher at the guidance they are evaluated
@@ -202,22 +233,11 @@ def stage_distill(out: Path, teacher: Path, rescaled: Path, data: Path, preset: 
     its share of the cores (the time budget is then per student on fewer cores). Returns {(student, seed): export}."""
     trained, jobs = {}, []
     for name in preset["students"]:
-        module, sampler, flags = STUDENTS[name]
         for seed in preset["seeds"]:
             run = out / "students" / f"{name}_seed{seed}"
-            args = common_train_args(teacher, data, run, preset, seed) + flags
-            if sampler == "scm":
-                args += ["--rescaled_checkpoint_path", str(rescaled), "--scm_cfg_scale", str(guidance),
-                         "--tangent_warmup_steps", "100"]
-            elif sampler == "meanflow":
-                args += ["--rescaled_checkpoint_path", str(rescaled), "--cfg_scale", str(guidance)]
-            else:  # SiD: data-free (the captions of the training set, no image), from the original x1000 teacher
-                args += SID_FLAGS + ["--train_batch_size", str(preset.get("sid_batch", preset["batch"])),
-                                     "--teacher_guidance", str(guidance), "--generator_guidance", str(guidance),
-                                     "--fake_guidance", str(guidance)]
-            args += preset.get("student_flags", {}).get(name, [])  # the preset's own settings for this budget
             trained[(name, seed)] = run / "transformer"
-            jobs.append((module, args, run / "transformer"))
+            jobs.append((STUDENTS[name][0], student_args(name, seed, run, teacher, rescaled, data, preset, guidance),
+                         run / "transformer"))
     if parallel > 1:
         _train_jobs(jobs, parallel)
     else:
@@ -320,7 +340,8 @@ def teacher_digest(teacher: Path) -> str:
 
 RUN_STAMP = "run_inputs.json"  # what a run folder's reused stages were made from
 REUSED_STAGES = ("data", "eval_metadata.jsonl", "rescale", "students", "samples")
-LATER_KEYS = ("settings",)  # added to the record later: a record without them is read as matching (and completed)
+LATER_KEYS = ("settings",)  # added to the record later: a record from before them is not checked on them
+UNKNOWN = "unknown: recorded before this key existed"  # what completes such a record (never a guess)
 
 
 def _shown(value) -> str:
@@ -341,20 +362,24 @@ def claim_run_dir(out: Path, inputs: dict, flag: str, only: tuple[str, ...] | No
     fix = f"pass another {flag}, or delete {', '.join(stages)} in it"
     if (out / "teacher" / TEACHER_SUMMARY).exists():
         fix += f" (its built teacher stays usable with --teacher_dir {out / 'teacher'})"
+    previous = None
     if stamp.exists():
         try:
             previous = json.loads(stamp.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if not isinstance(previous, dict):
-            raise UsageError(f"{stamp} is not a JSON object of run inputs; delete it and the stages next to it, or "
-                             f"pass another {flag}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+        if not isinstance(previous, dict) and stages:
+            raise UsageError(f"{stamp} is not a JSON object of run inputs, so what made {', '.join(stages)} is "
+                             f"unknown; {fix}, and delete {RUN_STAMP}")
+    if isinstance(previous, dict):
         keys = only if only is not None else sorted(inputs.keys() | previous.keys())
-        keys = [k for k in keys if not (k in LATER_KEYS and k not in previous)]  # records from before a key existed
+        keys = [k for k in keys if not (k in LATER_KEYS and previous.get(k, UNKNOWN) == UNKNOWN)]
         changed = [f"{k} {_shown(previous.get(k))} (recorded) vs {_shown(inputs.get(k))}" for k in keys
                    if inputs.get(k) != previous.get(k)]
         if changed and stages:
             raise UsageError(f"{out} holds {', '.join(stages)} made with other inputs: {'; '.join(changed)}; {fix}")
+        if not changed and stages:  # the same inputs; a record from before a later key gets it as unknown
+            inputs = {**inputs, **{k: UNKNOWN for k in LATER_KEYS if k in inputs and k not in keys}}
         if not changed and (only is not None or previous == inputs):
             return
     elif stages:
@@ -365,16 +390,22 @@ def claim_run_dir(out: Path, inputs: dict, flag: str, only: tuple[str, ...] | No
 
 
 def settings_digest(preset: dict) -> str:
-    """A hash of the preset's settings and the students' flags in this code (not the student or seed lists, which
-    only select which outputs a run makes, nor the teacher build's, which the teacher's content hash covers), so a
-    code change to them is not silently mixed with older stages."""
+    """A hash of the preset's settings and of the command lines its stages would run in this code, for every
+    student and the x1 twin (not the student or seed lists, which only select which outputs a run makes, nor
+    the teacher build's, which the teacher's content hash covers, nor the guidance, a key of its own), so a code
+    change to them is not silently mixed with older stages."""
     settings = sorted((k, v) for k, v in preset.items() if k not in ("students", "seeds", "teacher"))
-    return hashlib.sha256(repr((settings, STUDENTS, SID_FLAGS)).encode()).hexdigest()
+    shape = {**preset, "resolution": "<teacher's>", "max_sequence_length": "<teacher's>"}  # read from the teacher
+    t, r, d, o = Path("<teacher>"), Path("<x1>"), Path("<data>"), Path("<run>")
+    lines = [rescale_args(o, t, d, shape)] + [student_args(name, "<seed>", o, t, r, d, shape, "<guidance>")
+                                               for name in STUDENTS]
+    return hashlib.sha256(repr((settings, lines)).encode()).hexdigest()
 
 
 def run_inputs(args, preset: dict) -> dict:
     """What a benchmark run folder's stages depend on, apart from the teacher (see `claim_run_dir`)."""
-    return {"mode": args.mode, "settings": settings_digest(preset), "guidance_scale": args.guidance_scale,
+    return {"mode": args.mode, "settings": settings_digest(preset),
+            "guidance_scale": args.guidance_scale,
             "seed": args.seed, "minutes": preset.get("minutes"), "jobs": args.jobs}
 
 

@@ -141,17 +141,61 @@ def test_runs_are_tied_to_their_teacher_and_settings(shipped, tmp_path, monkeypa
     with pytest.raises(UsageError, match="holds students without a record of what made them .*delete students in it"):
         toy_benchmark.main(["--mode", "smoke", "--teacher_dir", str(dest), "--output_dir", str(stale)])
     (stale / "students").rmdir()
-    for damaged in ("{", "[]"):
+    for damaged in ("{", "[]"):  # a damaged record: refused while stages exist, replaced when none does
+        (stale / "students").mkdir()
         (stale / toy_benchmark.RUN_STAMP).write_text(damaged)
-        with pytest.raises(UsageError, match="is not a JSON object of run inputs"):
+        with pytest.raises(UsageError, match="is not a JSON object of run inputs, so what made students is unknown"):
             toy_benchmark.claim_run_dir(stale, {"teacher": "x"}, "--output_dir")
-    (stale / toy_benchmark.RUN_STAMP).write_text(json.dumps({"teacher": "x"}))
+        (stale / "students").rmdir()
+        toy_benchmark.claim_run_dir(stale, {"teacher": "x"}, "--output_dir")
+        assert json.loads((stale / toy_benchmark.RUN_STAMP).read_text()) == {"teacher": "x"}
     toy_benchmark.claim_run_dir(stale, {"teacher": "y"}, "--output_dir")  # nothing was made from "x": re-recorded
     assert json.loads((stale / toy_benchmark.RUN_STAMP).read_text()) == {"teacher": "y"}
-    # a record from before the settings hash (with stages) is read as matching and completed
+    # a record from before the settings hash (with stages) is accepted, and completed with "unknown", not a guess
     (stale / "students").mkdir()
     (stale / toy_benchmark.RUN_STAMP).write_text(json.dumps({"teacher": "y"}))
-    toy_benchmark.claim_run_dir(stale, {"teacher": "y", "settings": "s"}, "--output_dir")
-    assert json.loads((stale / toy_benchmark.RUN_STAMP).read_text()) == {"teacher": "y", "settings": "s"}
+    for settings in ("s", "t"):
+        toy_benchmark.claim_run_dir(stale, {"teacher": "y", "settings": settings}, "--output_dir")
+        assert json.loads((stale / toy_benchmark.RUN_STAMP).read_text()) == {"teacher": "y",
+                                                                            "settings": toy_benchmark.UNKNOWN}
+    (stale / toy_benchmark.RUN_STAMP).write_text(json.dumps({"teacher": "y", "settings": "s"}))
     with pytest.raises(UsageError, match=re.escape("settings 's' (recorded) vs 't'")):
         toy_benchmark.claim_run_dir(stale, {"teacher": "y", "settings": "t"}, "--output_dir")
+
+
+def test_settings_hash_covers_the_stages_command_lines(monkeypatch):
+    """The run record's settings hash changes with anything the students' or the twin's command lines take from
+    the code (a flag hard-coded in a stage, a student's flags), not only with the preset."""
+    import toy_benchmark
+
+    preset = toy_benchmark.PRESETS["full"]
+    base = toy_benchmark.settings_digest(preset)
+    assert toy_benchmark.settings_digest(dict(preset)) == base
+    assert toy_benchmark.settings_digest({**preset, "students": ("scm",), "seeds": (5,)}) == base
+    assert toy_benchmark.settings_digest({**preset, "sid_batch": 8}) != base
+    common = toy_benchmark.common_train_args
+    monkeypatch.setattr(toy_benchmark, "common_train_args", lambda *a: [*common(*a), "--lr_warmup_steps", "50"])
+    assert toy_benchmark.settings_digest(preset) != base
+    monkeypatch.undo()
+    monkeypatch.setitem(toy_benchmark.STUDENTS, "scm", (*toy_benchmark.STUDENTS["scm"][:2], ["--learning_rate", "1"]))
+    assert toy_benchmark.settings_digest(preset) != base
+
+
+def test_a_built_teacher_is_reused_only_for_its_own_settings(shipped, tmp_path):
+    """--build_teacher reuses the run folder's finished teacher only when it was built with this mode's settings;
+    another mode's build is refused on one line naming the differences and how to use it instead."""
+    import shutil
+
+    import toy_benchmark
+    from common.cli import UsageError
+
+    tmp, _ = shipped
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "built", out / "teacher")
+    seed = toy_benchmark.PRESETS["smoke"]["teacher"].seed
+    assert toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["smoke"], seed, None, True) == out / "teacher"
+    with pytest.raises(UsageError, match=r"holds a teacher built with other settings than this --mode's \(.*"
+                                         r"num_images 48 \(built\) vs 4000.*use it with --teacher_dir"):
+        toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["quick"], seed, None, True)
+    with pytest.raises(UsageError, match=r"seed .* \(built\) vs 7"):
+        toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["smoke"], 7, None, True)
