@@ -131,12 +131,15 @@ def stage_teacher(out: Path, preset: dict, seed: int, teacher_dir: Path | None, 
         log(f"using the toy teacher in {teacher}")
         return teacher
     from common.cli import UsageError
-    from toyworld.teacher import BUILD_DIR
+    from toyworld.teacher import BUILD_DIR, held_build_settings
 
     config, teacher = replace(preset["teacher"], seed=seed), out / "teacher"
     if (teacher / TEACHER_SUMMARY).exists():
-        made = teacher / BUILD_DIR / "config.json"
-        held = json.loads(made.read_text()) if made.exists() else {}
+        held = held_build_settings(teacher / BUILD_DIR, config)
+        if held is None:
+            raise UsageError(f"{teacher} holds a teacher without its build record ({BUILD_DIR}/config.json), so "
+                             f"its settings are unknown; pass another --output_dir, or use it with --teacher_dir "
+                             f"{teacher} (no --build_teacher)")
         changed = [f"{k} {held.get(k)} (built) vs {v}" for k, v in config.identity().items() if held.get(k) != v]
         if changed:
             raise UsageError(f"{teacher} holds a teacher built with other settings than this --mode's "

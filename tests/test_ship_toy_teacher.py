@@ -199,3 +199,15 @@ def test_a_built_teacher_is_reused_only_for_its_own_settings(shipped, tmp_path):
         toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["quick"], seed, None, True)
     with pytest.raises(UsageError, match=r"seed .* \(built\) vs 7"):
         toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["smoke"], 7, None, True)
+    # a build recorded before the cycle, text-stage and reading-order settings existed is still this mode's
+    record = out / "teacher" / "build" / "config.json"
+    held = json.loads(record.read_text())
+    assert held["flow_cycles"] == 1 and held["text_pretrain_steps"] == 0
+    for key in ("flow_cycles", "cycle_steps", "cycle_lr", "text_pretrain_steps", "text_pretrain_lr",
+                "reading_order_from_cycle"):
+        del held[key]
+    record.write_text(json.dumps(held))
+    assert toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["smoke"], seed, None, True) == out / "teacher"
+    record.unlink()
+    with pytest.raises(UsageError, match=r"without its build record \(build/config.json\), so its settings are"):
+        toy_benchmark.stage_teacher(out, toy_benchmark.PRESETS["smoke"], seed, None, True)

@@ -533,6 +533,26 @@ def train_transformer(components: dict, latents: torch.Tensor, metadata: list[di
     return {stage: float(np.mean(v[-100:])) for stage, v in history.items()}, text_accuracy
 
 
+def held_build_settings(build: Path, config: ToyTeacherConfig) -> dict | None:
+    """The settings a build folder (`<output_dir>/build`) was made with, in the form of `config.identity()`:
+    settings that did not exist yet when it started, or that it never used, read as `config`'s. None without a
+    record."""
+    path = build / "config.json"
+    if not path.exists():
+        return None
+    identity = config.identity()
+    previous = json.loads(path.read_text())
+    # a one-cycle build (also one made before warm restarts existed) never used the cycle settings
+    previous.setdefault("flow_cycles", 1)
+    if previous["flow_cycles"] == 1:
+        previous.update({key: identity[key] for key in CYCLE_KEYS})
+    previous.setdefault("text_pretrain_steps", 0)  # made before the text stage existed
+    if previous["text_pretrain_steps"] == 0:
+        previous["text_pretrain_lr"] = identity["text_pretrain_lr"]
+    previous.setdefault("reading_order_from_cycle", 0)
+    return previous
+
+
 def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
     from common.cli import UsageError
 
@@ -542,15 +562,7 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
     path = build / "config.json"
     identity = config.identity()
     if path.exists():
-        previous = json.loads(path.read_text())
-        # a one-cycle build (also one made before warm restarts existed) never used the cycle settings
-        previous.setdefault("flow_cycles", 1)
-        if previous["flow_cycles"] == 1:
-            previous.update({key: identity[key] for key in CYCLE_KEYS})
-        previous.setdefault("text_pretrain_steps", 0)  # made before the text stage existed
-        if previous["text_pretrain_steps"] == 0:
-            previous["text_pretrain_lr"] = identity["text_pretrain_lr"]
-        previous.setdefault("reading_order_from_cycle", 0)
+        previous = held_build_settings(build, config)
         # more cycles continue a build; the guidance stage after the new last cycle starts afresh, and reading
         # order may start with a new cycle (the build's cycles so far did not use it)
         grown = previous["flow_cycles"] < config.flow_cycles
