@@ -407,8 +407,7 @@ def settings_digest(preset: dict) -> str:
 
 def run_inputs(args, preset: dict) -> dict:
     """What a benchmark run folder's stages depend on, apart from the teacher (see `claim_run_dir`)."""
-    return {"mode": args.mode, "settings": settings_digest(preset),
-            "guidance_scale": args.guidance_scale,
+    return {"mode": args.mode, "settings": settings_digest(preset), "guidance_scale": args.guidance_scale,
             "seed": args.seed, "minutes": preset.get("minutes"), "jobs": args.jobs}
 
 

@@ -561,8 +561,8 @@ def _check_build_config(build: Path, config: ToyTeacherConfig) -> None:
                          f"(--flow_cycles {config.flow_cycles}); raise --flow_cycles or lower it")
     path = build / "config.json"
     identity = config.identity()
-    if path.exists():
-        previous = held_build_settings(build, config)
+    previous = held_build_settings(build, config)
+    if previous is not None:
         # more cycles continue a build; the guidance stage after the new last cycle starts afresh, and reading
         # order may start with a new cycle (the build's cycles so far did not use it)
         grown = previous["flow_cycles"] < config.flow_cycles
