@@ -9,8 +9,8 @@ Stages (each reused when its output exists, so an interrupted run continues):
   3. distil every method from that teacher, each student with the same training-time budget, for every seed:
      sCM and MeanFlow (from the x1 twin), SiD with LSG (the default), Zero-CFG and Anti-CFG (data-free, from the
      x1000 teacher)
-  4. sample the held-out prompts (4 images each): the teacher at 28 steps and with its own Euler sampler at
-     1, 2 and 4 steps, the x1 teacher at 28 steps, each student at 1, 2 and 4 steps
+  4. sample the held-out prompts (full: 2 images each, quick: 1, smoke: 4): the teacher at 28 steps and with its
+     own Euler sampler at 1, 2 and 4 steps, the x1 teacher at 28 steps, each student at 1, 2 and 4 steps
   5. score with toyworld.scorer (GenEval's rules) and write results.json, results.md and image grids
 Every stage uses the same scripts, loaders and pipelines as a FLUX.1-lite-8B run; only sizes differ.
 """
@@ -66,19 +66,21 @@ STUDENTS = {
 SID_FLAGS = ["--learning_rate", "3e-4", "--fake_learning_rate", "3e-4", "--num_generator_steps", "4",
              "--max_grad_norm", "1.0"]
 
+HELD_OUT_PER_TAG = 128  # the full and quick presets' held-out prompts per category: the same 768 prompts
+
 PRESETS = {
     # full: every method, two seeds each, the quick preset's 768 held-out prompts (128 per category) with two images
     # each (1536 images per row). Until 2026-12 it was 50 prompts per category with four images each (1200 per
     # row; docs/toy_benchmark_full_round4_results.json): its interval (+-0.030 on the teacher) straddled the 0.65
     # bar, and the interval counts a prompt's images as one sample, so prompts, not images, tighten it
-    "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=128, images_per_prompt=2, batch=32,
-                 sid_batch=16, minutes=8.0, jobs=2,
+    "full": dict(teacher=TEACHER_PRESETS["full"], data_images=6000, eval_per_tag=HELD_OUT_PER_TAG, images_per_prompt=2,
+                 batch=32, sid_batch=16, minutes=8.0, jobs=2,
                  students=tuple(STUDENTS), seeds=(0, 1), rescale_steps=1000),
     # quick: the README's first command (under 10 minutes from a fresh clone on 2 cores, setup included): one
     # image for each of 128 prompts per category (768 per row: for a fixed number of images, more prompts give a
     # tighter interval than more images per prompt), the teacher's 28-step row from its record
-    "quick": dict(teacher=TEACHER_PRESETS["quick"], data_images=2000, eval_per_tag=128, images_per_prompt=1,
-                  batch=32, sid_batch=16, minutes=1.4, jobs=2,
+    "quick": dict(teacher=TEACHER_PRESETS["quick"], data_images=2000, eval_per_tag=HELD_OUT_PER_TAG,
+                  images_per_prompt=1, batch=32, sid_batch=16, minutes=1.4, jobs=2,
                   students=("scm", "meanflow", "sid"), seeds=(0,), rescale_steps=1000, teacher_x1_row=False,
                   chance_per_tag=150, recorded_teacher_nfes=(28,), nfes=(1, 2),
                   # ~45 steps at batch 32 in 1.4 minutes are too few: chosen on validation prompts (eval seed 1,
