@@ -64,15 +64,9 @@ class SiD(DistillationMethod):
     def build_networks(self, components, dtype, device):
         args = self.args
         self.empty = components.encode([EMPTY_PROMPT], args.max_sequence_length, device)
-        scale = 1.0 if args.rescaled_checkpoint_path else None  # None: the model's own (FLUX: x1000)
-        hub = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-
-        def load(dtype):
-            return load_transformer(args.pretrained_model_name_or_path, weights_path=args.rescaled_checkpoint_path,
-                                    time_input_scale=scale, dtype=dtype, **hub)
-
-        teacher, fake, generator = load(dtype), load(torch.float32), load(torch.float32)
+        teacher, fake, generator = self.load_teacher(dtype), self.load_network(), self.load_network()
         self.time_input_scale = generator.config.time_input_scale
+        self.latent_channels = generator.config.in_channels
         hooks = [nan_to_num_hook(args.nan_to_num)] if args.nan_to_num else []
         for net in (fake, generator, teacher):  # the generator's gradient passes through the teacher too
             if args.gradient_checkpointing:
@@ -81,6 +75,17 @@ class SiD(DistillationMethod):
                                 ema_decay=args.fake_ema_decay, grad_hooks=hooks)
         generator_spec = NetworkSpec(generator, ema_decay=args.ema_decay, grad_hooks=hooks)
         return {"fake_score": fake_spec, "generator": generator_spec}, teacher
+
+    def load_network(self, dtype=torch.float32):
+        """A trained network's starting point: the teacher's weights (the x1 model with --rescaled_checkpoint_path)."""
+        args = self.args
+        scale = 1.0 if args.rescaled_checkpoint_path else None  # None: the model's own (FLUX: x1000)
+        return load_transformer(args.pretrained_model_name_or_path, weights_path=args.rescaled_checkpoint_path,
+                                time_input_scale=scale, dtype=dtype, revision=args.revision, variant=args.variant,
+                                cache_dir=args.cache_dir)
+
+    def load_teacher(self, dtype):
+        return self.load_network(dtype)
 
     def network_clipping(self) -> dict[str, float]:
         fake = self.args.fake_max_grad_norm
@@ -102,7 +107,7 @@ class SiD(DistillationMethod):
         """k, and x_g from k generator steps on this batch's prompts (the last step with grad if `grad`)."""
         k = draw_k(self.args.seed, step, self.config.num_generator_steps)
         h, w = batch.latent_size
-        shape = (len(batch), (h // 2) * (w // 2), 64)
+        shape = (len(batch), (h // 2) * (w // 2), self.latent_channels)
         device = batch.img_ids.device
 
         def noise(_step=0):

@@ -218,9 +218,7 @@ class Trainer:
     # ----- setup -----
     def setup(self):
         args, method = self.args, self.method
-        # the user's inputs are checked before anything slow (the 8B model load) so that a mistake costs seconds
-        check_pretrained_model(args.pretrained_model_name_or_path)
-        _check_output_dir(Path(args.output_dir))
+        self.check_inputs()
         self.resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
         self.phases = method.phases()
         clipping = getattr(method, "network_clipping", lambda: None)()
@@ -241,7 +239,7 @@ class Trainer:
         loader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, shuffle=True,
                                   seed=args.seed)
 
-        self.components = load_components(args, self.device, self.weight_dtype)
+        self.components = self.load_components()
         specs, teacher = method.build_networks(self.components, self.weight_dtype, self.device)
         if teacher is not None:
             teacher.requires_grad_(False).eval().to(self.device)
@@ -270,6 +268,15 @@ class Trainer:
                       "num_processes": acc.num_processes, "method": method.name,
                       "effective_max_grad_norm": self._clipping_summary()}
         self._batches = None
+
+    def check_inputs(self) -> None:
+        """The user's inputs, checked before anything slow (the 8B model load) so that a mistake costs seconds."""
+        check_pretrained_model(self.args.pretrained_model_name_or_path)
+        _check_output_dir(Path(self.args.output_dir))
+
+    def load_components(self) -> Components:
+        """The frozen text encoders, VAE and scheduler (another world, such as the exact one, brings its own)."""
+        return load_components(self.args, self.device, self.weight_dtype)
 
     def build_dataset(self):
         args = self.args
