@@ -254,8 +254,9 @@ def collate_text_image(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "captions": [item["caption"] for item in batch],
         "num_skipped": sum(item["num_skipped"] for item in batch),
     }
-    if "pixel_values" in batch[0]:
-        out["pixel_values"] = torch.stack([item["pixel_values"] for item in batch])
+    for key, value in batch[0].items():  # pixel values, or another world's tensors (e.g. ODE trajectories)
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.stack([item[key] for item in batch])
     return out
 
 
