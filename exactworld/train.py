@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the entry scripts (train_sCM.py, ...) live at the repository root
     sys.path.insert(0, str(ROOT))
 
-from common.cli import UsageError, nonnegative_float, probability, run  # noqa: E402
+from common.cli import UsageError, nonnegative_float, positive_int, probability, run  # noqa: E402
 from data import PromptDataset  # noqa: E402
 from model.latents import image_ids  # noqa: E402
 from training import Batch, DistillationMethod, Trainer, training_parser  # noqa: E402
@@ -175,8 +175,11 @@ def parse_args(argv=None) -> tuple[str, argparse.Namespace, WorldConfig, str | N
     head.add_argument("--init", default=None, help="the fitted ExactWorldNet folder the students start from")
     head.add_argument("--world_seed", type=int, default=WorldConfig.seed)
     head.add_argument("--world_guidance", type=nonnegative_float, default=WorldConfig.guidance)
+    head.add_argument("--world_prompts", type=positive_int, default=WorldConfig.num_prompts)
+    head.add_argument("--world_modes_per_prompt", type=positive_int, default=WorldConfig.modes_per_prompt)
     known, rest = head.parse_known_args(argv)
-    world = WorldConfig(seed=known.world_seed, guidance=known.world_guidance)
+    world = WorldConfig(seed=known.world_seed, guidance=known.world_guidance, num_prompts=known.world_prompts,
+                        modes_per_prompt=known.world_modes_per_prompt)
     rest = ["--pretrained_model_name_or_path", "exact-world", "--report_to", "none", "--dataloader_num_workers", "0",
             "--resolution", "16", *rest]
     if known.method == "fit":
@@ -201,11 +204,23 @@ def build_method(method: str, args: argparse.Namespace, world: GaussianMixtureWo
     return cls(args).attach(world, init)
 
 
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that several runs can train in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def train(argv=None) -> Path:
     """Train one exact-world model; returns its export folder (<output_dir>/transformer)."""
     method, args, world_config, init = parse_args(argv)
     world = GaussianMixtureWorld(world_config)
-    return ExactTrainer(args, build_method(method, args, world, init), world).train()
+    reset_accelerate()
+    try:
+        return ExactTrainer(args, build_method(method, args, world, init), world).train()
+    finally:
+        reset_accelerate()
 
 
 if __name__ == "__main__":

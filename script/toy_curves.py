@@ -2,12 +2,12 @@
 
     python script/toy_curves.py [--output_dir outputs/toy_curves] [--students scm meanflow sid kd]
 
-Each student is trained once, for `CURVE_MULTIPLES[-1]` times the steps it reached in the full table's 8 minutes
-(`STEPS_8_MINUTES`, from docs/toy_benchmark_full_results.json's run; a step count, not wall time, so the points
-are the same on any CPU), with a checkpoint at every multiple; every checkpoint's export is sampled and scored on
-the validation prompts (eval seed 1, never the held-out ones), beside the teacher's rows on the same prompts.
-Everything else (teacher, data, recipes, sampling, scoring) is script/toy_benchmark.py's. Resumable: a student
-whose run stopped continues from its last checkpoint; sampled rows are reused.
+Each student is trained once, for `CURVE_MULTIPLES[-1]` times the steps it reaches in 8 minutes
+(`STEPS_8_MINUTES`: a step count, not wall time, so the points are the same on any CPU), with a checkpoint at
+every multiple; every checkpoint's export is sampled and scored on the validation prompts (eval seed 1, never the
+held-out ones), beside the teacher's rows on the same prompts. Everything else (teacher, data, recipes, sampling,
+scoring) is script/toy_benchmark.py's. Resumable: a student whose run stopped continues from its last checkpoint;
+sampled rows are reused.
 Writes <output_dir>/curves.json, curves.md and curves.png.
 """
 
@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT / "script"))
 
 import toy_benchmark as tb  # noqa: E402
 
-# steps each student reached in the full table's 8 minutes (two students at a time, one thread each; scm 807-810,
-# meanflow 767-773, sid 1090-1098 at batch 16) and the ceiling at the same rate as MeanFlow (the same network)
-STEPS_8_MINUTES = {"scm": 808, "meanflow": 770, "sid": 1094, "kd": 770}
+# steps each student reaches in 8 minutes (two students at a time, one thread each), measured on the validation
+# runs of 2026-12-06 (Intel Xeon, 2 cores): sCM 1044, MeanFlow 880-885, SiD 1126 (batch 16, 4 generator steps),
+# the ceiling 3025 (one forward and backward per step, no teacher)
+STEPS_8_MINUTES = {"scm": 1000, "meanflow": 900, "sid": 1100, "kd": 3000}
 CURVE_MULTIPLES = (0.5, 1, 2, 4)  # of the 8-minute steps: 4, 8, 16 and 32 minutes' worth
 VALIDATION_SEED, VALIDATION_PER_TAG, IMAGES_PER_PROMPT = 1, 64, 2
 
