@@ -29,6 +29,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per detector call")
     parser.add_argument("--test_scale", type=positive_int, nargs=2, default=[1333, 800], metavar=("LONG", "SHORT"),
                         help="the detector's test-time resize (GenEval: 1333 800, keeping the aspect ratio)")
+    parser.add_argument("--resize", choices=["cv2", "pil"], default="cv2",
+                        help="the detector's test-time resize: cv2 bilinear without antialiasing (GenEval's mmcv) or PIL")
+    parser.add_argument("--clip_preprocess", choices=["open_clip", "transformers"], default="open_clip",
+                        help="CLIP's crop preprocessing: open_clip's (GenEval's) or transformers' CLIPImageProcessor")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
                         help="detector and CLIP weights dtype (GenEval's evaluator runs fp32)")
     return parser.parse_args(argv)
@@ -55,7 +59,7 @@ def main(argv=None):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     detector = load_detector(args.detector, args.detector_model, args.clip_model, device, dtype,
-                             tuple(args.test_scale))
+                             tuple(args.test_scale), args.resize, args.clip_preprocess)
     summary = score_run(args.run_dir, detector, args.outfile, shard, args.batch_size)
     if summary is None:
         print(f"[rank {shard.rank}] done; the last process to finish writes the summary")

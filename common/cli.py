@@ -50,7 +50,12 @@ class _DropMessages(logging.Filter):
 
 # Notices a user can do nothing about: transformers announces, at every import of the FLUX pipeline, that the
 # image processors of models we never use fall back to PIL because torchvision is absent (it is not needed).
-KNOWN_NOISE = {"transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",)}
+# diffusers warns at every `.to(dtype)` of a model that lists modules to keep in float32, even when the list is
+# empty (FLUX's is): that empty-list case only.
+KNOWN_NOISE = {"transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
+               "diffusers.models.modeling_utils": ("that should be kept in float32: []",),
+               # DeepSpeed, imported by accelerate/transformers, on a machine without a GPU (where we run on CPU)
+               "DeepSpeed": ("Setting accelerator to CPU. If you have GPU or other accelerator",)}
 
 
 def silence_known_noise() -> None:
@@ -62,6 +67,19 @@ def silence_known_noise() -> None:
 
 
 silence_known_noise()
+
+
+def quiet_libraries() -> None:
+    """No progress bars for loading a pipeline's components or a model's weights (diffusers, transformers: one bar
+    per component, seven for a FLUX pipeline); download bars (huggingface_hub) stay. Called when the model stack is
+    imported (model/__init__.py), after the command line was checked."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also turns off huggingface_hub's bars: turn those back on
+    hub_utils.enable_progress_bars()
 
 
 # ----- argument types (argparse turns their errors into "argument --flag: message", exit 2) -----

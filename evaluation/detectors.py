@@ -2,8 +2,10 @@
 
 - `Mask2FormerDetector`: `Mask2FormerForUniversalSegmentation` (default
   facebook/mask2former-swin-small-coco-instance: converted Detectron2 weights, not mmdet's, so numbers can differ
-  slightly from the official evaluator's) run as GenEval runs mmdet's Mask2Former: test-time resize so the image
-  fits 1333 x 800 keeping its aspect, padded to a multiple of 32; every (query, class) pair ranked by its class
+  slightly from the official evaluator's; `python -m evaluation.mmdet_convert` turns the official mmdet checkpoint into
+  a folder this class loads) run as GenEval runs mmdet's Mask2Former: test-time resize so the image fits 1333 x 800
+  keeping its aspect (cv2's bilinear without antialiasing on the uint8 image, as mmcv does; `resize="pil"` for
+  PIL's), padded to a multiple of 32; every (query, class) pair ranked by its class
   probability (softmax without the no-object class), the top 100 kept, each with its own mask (no merging of
   overlapping masks): mask logits upsampled to the padded input, cropped to the image, resized to the original size;
   binary mask = sigmoid > 0.5; score = class probability x the mean sigmoid inside the binary mask; box = the
@@ -12,7 +14,9 @@
 - `ClipColorClassifier`: `CLIPModel` (default openai/clip-vit-large-patch14) as a zero-shot classifier over
   GenEval's ten colours with its three templates ("a photo of a {c} {object}", "a photo of a {c}-colored {object}",
   "a photo of a {c} object"; text embeddings normalised, averaged per colour, normalised), applied to each object's
-  mask pasted on a #999999 background and cropped to its box.
+  mask pasted on a #999999 background and cropped to its box, preprocessed as open_clip does for GenEval (bicubic
+  resize of the shorter side to 224, centre crop with torchvision's rounding; `clip_preprocess="transformers"` for
+  the CLIPImageProcessor).
 - COCO class names (the model's id2label) are mapped to GenEval's object names ("keyboard" -> "computer keyboard",
   "mouse" -> "computer mouse", "remote" -> "tv remote"); classes GenEval does not name are dropped.
 """
@@ -77,6 +81,55 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+RESIZE_BACKENDS = ("cv2", "pil")
+CLIP_PREPROCESS = ("open_clip", "transformers")
+
+
+def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    if value not in choices:
+        from common.cli import UsageError
+
+        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def resize_image(image, size: tuple[int, int], backend: str = "cv2") -> np.ndarray:
+    """The RGB image resized to size = (width, height), uint8 [H, W, 3]. "cv2": what GenEval's evaluator does
+    (mmcv's imresize: cv2.resize with INTER_LINEAR, bilinear without antialiasing, on the uint8 image); "pil":
+    PIL's bilinear filter, which antialiases when it shrinks."""
+    rgb = image.convert("RGB")
+    if backend == "cv2":
+        import cv2
+
+        return cv2.resize(np.asarray(rgb), tuple(size), interpolation=cv2.INTER_LINEAR)
+    from PIL import Image
+
+    return np.asarray(rgb.resize(tuple(size), Image.BILINEAR))
+
+
+def open_clip_pixels(crops: list, size: int, mean, std) -> torch.Tensor:
+    """open_clip's preprocessing of GenEval's colour crops (torchvision Resize(size, BICUBIC) of the shorter side
+    on the PIL image, long side int(size * long / short); CenterCrop(size), whose offsets are round((H - size) / 2)
+    with Python's rounding; ToTensor; Normalize): [N, 3, size, size]."""
+    from PIL import Image
+
+    out = []
+    for crop in crops:
+        crop = crop.convert("RGB")
+        w, h = crop.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)
+        new_size = (size, new_long) if w <= h else (new_long, size)
+        if new_size != (w, h):
+            crop = crop.resize(new_size, Image.BICUBIC)
+        w, h = crop.size
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        crop = crop.crop((left, top, left + size, top + size))
+        out.append(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (torch.stack(out) - mean) / std
+
+
 def _load(loader, model_id: str, flag: str):
     from common.cli import hub_error
 
@@ -94,8 +147,10 @@ class Mask2FormerDetector:
 
     def __init__(self, model_id: str = DEFAULT_DETECTOR, clip_id: str = DEFAULT_CLIP, device=None,
                  dtype: torch.dtype = torch.float32, max_per_image: int = MAX_PER_IMAGE,
-                 test_scale: tuple[int, int] = TEST_SCALE):
+                 test_scale: tuple[int, int] = TEST_SCALE, resize: str = "cv2", clip_preprocess: str = "open_clip"):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+        check_choice(resize, RESIZE_BACKENDS, "--resize")
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = _load(lambda m: Mask2FormerForUniversalSegmentation.from_pretrained(m, dtype=dtype), model_id,
@@ -105,20 +160,18 @@ class Mask2FormerDetector:
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(3, 1, 1) * scale
         self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(3, 1, 1) * scale
         self.class_names = {int(i): geneval_name(n) for i, n in self.model.config.id2label.items()}
-        self.max_per_image, self.test_scale = max_per_image, tuple(test_scale)
-        self.colors = ClipColorClassifier(clip_id, self.device, dtype)
+        self.max_per_image, self.test_scale, self.resize = max_per_image, tuple(test_scale), resize
+        self.colors = ClipColorClassifier(clip_id, self.device, dtype, clip_preprocess)
 
     def preprocess(self, images: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Resized (keep ratio into 1333 x 800), normalised, zero-padded to a multiple of 32: [B, 3, H, W]; and
         each image's resized (width, height)."""
-        from PIL import Image
-
         sizes = [resized_size(*image.size, self.test_scale) for image in images]
         height = max(math.ceil(h / SIZE_DIVISOR) * SIZE_DIVISOR for _, h in sizes)
         width = max(math.ceil(w / SIZE_DIVISOR) * SIZE_DIVISOR for w, _ in sizes)
         batch = torch.zeros(len(images), 3, height, width)
         for i, (image, (w, h)) in enumerate(zip(images, sizes)):
-            pixels = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32)
+            pixels = resize_image(image, (w, h), self.resize).astype(np.float32)
             batch[i, :, :h, :w] = (torch.from_numpy(pixels).permute(2, 0, 1) - self.mean) / self.std
         return batch, sizes
 
@@ -161,8 +214,12 @@ class Mask2FormerDetector:
 class ClipColorClassifier:
     """Zero-shot colour classification with CLIP, as GenEval does it (mask on #999999, crop to the box)."""
 
-    def __init__(self, model_id: str = DEFAULT_CLIP, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_id: str = DEFAULT_CLIP, device=None, dtype: torch.dtype = torch.float32,
+                 preprocess: str = "open_clip"):
         from transformers import AutoProcessor, CLIPModel
+
+        check_choice(preprocess, CLIP_PREPROCESS, "--clip_preprocess")
+        self.preprocess = preprocess
 
         self.device = torch.device(device or "cpu")
         self.model = _load(lambda m: CLIPModel.from_pretrained(m, dtype=dtype), model_id, "--clip_model")
@@ -195,26 +252,37 @@ class ClipColorClassifier:
             image = Image.composite(image, Image.new("RGB", image.size, BACKGROUND), mask)
         return image.crop(tuple(detection.bbox[:4]))
 
+    def pixels(self, crops: list) -> torch.Tensor:
+        """CLIP's input for the crops: open_clip's preprocessing (GenEval's) or transformers' CLIPImageProcessor."""
+        processor = self.processor.image_processor
+        if self.preprocess == "transformers":
+            return processor(images=crops, return_tensors="pt")["pixel_values"]
+        crop = processor.crop_size
+        size = crop if isinstance(crop, int) else crop["height"]
+        return open_clip_pixels(crops, int(size), processor.image_mean, processor.image_std)
+
     @torch.no_grad()
     def classify(self, image, detections: list, class_name: str) -> list[str]:
         if not detections:
             return []
         crops = [self.crop(image, d) for d in detections]
-        pixels = self.processor.image_processor(images=crops, return_tensors="pt")["pixel_values"]
+        pixels = self.pixels(crops)
         features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype)).pooler_output
         logits = torch.nn.functional.normalize(features.float(), dim=-1) @ self.classifier(class_name).T
         return [COLORS[i] for i in logits.argmax(-1).tolist()]
 
 
 def load_detector(name: str, detector_model: str = DEFAULT_DETECTOR, clip_model: str = DEFAULT_CLIP, device=None,
-                  dtype: torch.dtype = torch.float32, test_scale: tuple[int, int] = TEST_SCALE):
+                  dtype: torch.dtype = torch.float32, test_scale: tuple[int, int] = TEST_SCALE, resize: str = "cv2",
+                  clip_preprocess: str = "open_clip"):
     """"mask2former" (GenEval's detector on transformers) or "toy" (the toy world's analytic detector)."""
     if name == "toy":
         from toyworld.detector import ShapeDetector
 
         return ShapeDetector()
     if name == "mask2former":
-        return Mask2FormerDetector(detector_model, clip_model, device, dtype, test_scale=test_scale)
+        return Mask2FormerDetector(detector_model, clip_model, device, dtype, test_scale=test_scale, resize=resize,
+                                   clip_preprocess=clip_preprocess)
     from common.cli import UsageError
 
     raise UsageError(f"--detector {name!r}: choose mask2former or toy")

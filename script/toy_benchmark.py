@@ -11,7 +11,7 @@ Stages (each reused when its output exists, so an interrupted run continues):
      x1000 teacher)
   4. sample the held-out prompts (full: 2 images each, quick: 1, smoke: 4): the teacher at 28 steps and with its
      own Euler sampler at 1, 2 and 4 steps, the x1 teacher at 28 steps, each student at 1, 2 and 4 steps
-  5. score with toyworld.scorer (GenEval's rules) and write results.json, results.md and image grids
+  5. score with toyworld.scorer (GenEval's rules) and write results.json, results.md, results.png and image grids
 Every stage uses the same scripts, loaders and pipelines as a FLUX.1-lite-8B run; only sizes differ.
 """
 
@@ -510,19 +510,24 @@ def overall_standard_error(results_jsonl: Path) -> float:
 
 
 def save_grid(run: Path, path: Path, images: int = 32, columns: int = 4) -> None:
-    """The first `images` samples of a run (prompt-major), `columns` to a row."""
+    """`images` samples of a run, `columns` to a row, each with its prompt under it: every image of prompts spread
+    evenly over the run (so every category shows), in prompt order."""
     from PIL import Image
 
-    files = [f for folder in sorted(p for p in run.iterdir() if p.is_dir())
-             for f in sorted((folder / "samples").glob("*.png"))][:images]
-    tiles = [Image.open(f).convert("RGB") for f in files]
-    w, h = tiles[0].size
-    rows = (len(tiles) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
+    from common.grids import captioned_grid
+
+    folders = sorted(p for p in run.iterdir() if p.is_dir())
+    per_prompt = max(1, len(list((folders[0] / "samples").glob("*.png")))) if folders else 1
+    stride = max(1, len(folders) // max(1, images // per_prompt))
+    tiles, captions = [], []
+    for folder in folders[::stride]:
+        prompt = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["prompt"]
+        for f in sorted((folder / "samples").glob("*.png")):
+            tiles.append(Image.open(f).convert("RGB"))
+            captions.append(prompt)
+    tiles, captions = tiles[:images], captions[:images]
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    captioned_grid(tiles, captions, columns).save(path)
 
 
 def chance_levels(per_tag: int = 300, seed: int = 0, resolution: int = 64) -> dict[str, float]:
@@ -618,7 +623,61 @@ def write_report(out: Path, rows: list[dict], chance: dict[str, float], mode: st
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"mode": mode, "budget": budget, "rows": table, "per_seed": rows,
                                                   "chance": chance, "seconds": seconds}, indent=1))
+    plot_results(table, chance, out / "results.png", f"Toy world ({mode}): {budget}")
     return text
+
+
+def plot_results(table: list[dict], chance: dict[str, float], path: Path, title: str = "") -> None:
+    """results.png: left, overall score against steps per model (the teacher's own Euler sampler as a dashed line,
+    its 28 steps as a horizontal line, 95% intervals as error bars); right, per category at the largest student
+    step count: the teacher at 28 steps, its Euler sampler and every student at that count, and chance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.5]})
+    teacher = sorted((r for r in table if r["model"] == "teacher"), key=lambda r: r["nfe"])
+    euler = [r for r in teacher if r["nfe"] != 28]
+    full = next((r for r in teacher if r["nfe"] == 28), None)
+    if euler:
+        left.errorbar([r["nfe"] for r in euler], [r["overall"] for r in euler], yerr=[r["ci95"] for r in euler],
+                      fmt="k--o", capsize=3, label="teacher, Euler")
+    if full:
+        left.axhline(full["overall"], color="k", lw=1, label="teacher, 28 steps")
+    students = [m for m in dict.fromkeys(r["model"] for r in table) if m not in ("teacher", "teacher_x1")]
+    for i, model in enumerate(students):
+        rows = sorted((r for r in table if r["model"] == model), key=lambda r: r["nfe"])
+        left.errorbar([r["nfe"] for r in rows], [r["overall"] for r in rows], yerr=[r["ci95"] for r in rows],
+                      fmt="-o", color=f"C{i}", capsize=3, label=model)
+    left.set_xscale("log", base=2)
+    nfes = sorted({r["nfe"] for r in table if r["nfe"] != 28})
+    left.set_xticks(nfes, labels=[str(n) for n in nfes])
+    left.set_xlabel("steps (NFE)")
+    left.set_ylabel("GenEval overall (toy detector)")
+    left.set_ylim(0, 1)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    nfe = max((r["nfe"] for r in table if r["model"] in students), default=max(nfes, default=28))
+    bars = ([full] if full else []) + [r for r in table if r["nfe"] == nfe and r["model"] in ["teacher"] + students]
+    labels = ["teacher, 28 steps" if r is full else ("teacher, Euler" if r["model"] == "teacher" else r["model"])
+              + ("" if r is full else f", {nfe}") for r in bars]
+    width = 0.8 / max(1, len(bars) + 1)
+    for j, (r, label) in enumerate(zip(bars, labels)):
+        color = "k" if r is full else ("grey" if r["model"] == "teacher" else f"C{students.index(r['model'])}")
+        right.bar([k + j * width for k in range(len(TAGS))], [r["categories"][t] for t in TAGS], width,
+                  color=color, label=label)
+    right.bar([k + len(bars) * width for k in range(len(TAGS))], [chance.get(t, 0.0) for t in TAGS], width,
+              color="white", edgecolor="k", hatch="//", label="chance")
+    right.set_xticks([k + 0.4 - width / 2 for k in range(len(TAGS))], labels=TAGS)
+    right.set_ylim(0, 1)
+    right.set_ylabel(f"score per category at {nfe} step(s)")
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def train_minutes(export: Path) -> float | None:

@@ -255,3 +255,23 @@ def test_only_the_torchvision_notices_are_dropped():
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["a warning that matters"]
+
+
+def test_loading_a_pipeline_prints_no_library_chatter(tiny_flux):
+    """No loading bars (seven for a FLUX pipeline, one per model's weights), no notice that lists no float32 module,
+    no DeepSpeed notice that it runs on the CPU; a warning naming real float32 modules would still show."""
+    code = (
+        "import sys, torch\n"
+        "from model.loading import load_transformer\n"
+        "from model.pipeline import FluxEulerPipeline\n"
+        f"t = load_transformer({str(tiny_flux)!r}, dtype=torch.bfloat16)\n"
+        f"p = FluxEulerPipeline.from_pretrained({str(tiny_flux)!r}, transformer=t, dtype=torch.bfloat16)\n"
+        "t.to(torch.float32)\n"
+        "import logging; logging.getLogger('diffusers.models.modeling_utils').warning("
+        "'There are modules in X that should be kept in float32: [\\'a\\'].')\n"
+        "print('loaded', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == ["There are modules in X that should be kept in float32: ['a'].", "loaded"], out.stderr

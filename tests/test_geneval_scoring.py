@@ -153,24 +153,91 @@ def test_mask2former_adapter_shapes_names_and_test_time_resize(detector):
 
 def test_mask2former_scores_are_class_probability_times_mask_probability(detector):
     """Hand-made logits: score = softmax class probability (no-object excluded) x mean sigmoid in the binary mask,
-    box = the mask's extent, one instance per (query, class) pair even where masks overlap."""
+    box = the mask's extent, one instance per (query, class) pair even where masks overlap; counting prompts keep
+    only scores above 0.9."""
     num_classes = 8
     class_logits = torch.full((12, num_classes + 1), -20.0)
     class_logits[0, 3] = 5.0  # query 0: keyboard
     class_logits[1, 0] = 5.0  # query 1: person, overlapping query 0
     masks = torch.full((12, 8, 8), -10.0)
-    masks[0, 2:6, 1:4] = 2.0
+    masks[0, 2:6, 1:4] = 4.0
     masks[1, 3:7, 2:5] = 1.0
     out = detector.postprocess(class_logits, masks, (8, 8), (8, 8), (8, 8))
     by_name = {d.class_name: d for d in out if d.score > 0.3}
     assert set(by_name) == {"computer keyboard", "person"}
     p = torch.softmax(class_logits[0], -1)[3].item()
     keyboard = by_name["computer keyboard"]
-    assert math.isclose(keyboard.score, p * torch.sigmoid(torch.tensor(2.0)).item(), rel_tol=1e-4)
+    assert math.isclose(keyboard.score, p * torch.sigmoid(torch.tensor(4.0)).item(), rel_tol=1e-4)  # 0.975
+    assert math.isclose(by_name["person"].score, p * torch.sigmoid(torch.tensor(1.0)).item(), rel_tol=1e-4)  # 0.72
     assert keyboard.bbox == (1.0, 2.0, 4.0, 6.0) and keyboard.mask.sum() == 12
     assert by_name["person"].bbox == (2.0, 3.0, 5.0, 7.0)  # the overlap is not given to one instance only
-    kept = keep_detections(out, "counting", detector.thresholds)  # 0.9 for counting prompts
-    assert set(kept) == {"computer keyboard", "person"} or all(d.score > 0.9 for v in kept.values() for d in v)
+    counting = keep_detections(out, "counting", detector.thresholds)  # > 0.9 for counting prompts
+    assert {k: len(v) for k, v in counting.items()} == {"computer keyboard": 1}
+    single = keep_detections(out, "single_object", detector.thresholds)  # > 0.3 otherwise
+    assert {k: len(v) for k, v in single.items()} == {"computer keyboard": 1, "person": 1}
+
+
+def test_mask2former_masks_are_cropped_to_the_image_then_resized_to_its_original_size(detector):
+    """Mask logits over the padded input: the image's part (its resized size, top left) is cut out first, then
+    resized to the original size; a mask in the padding vanishes. (Resizing first would keep it and halve the
+    image's mask.)"""
+    class_logits = torch.full((12, 9), -20.0)
+    class_logits[0, 3] = 5.0
+    class_logits[1, 0] = 5.0
+    masks = torch.full((12, 16, 16), -10.0)
+    masks[0, 0:4, 0:4] = 10.0  # inside the image (its resized size is 8 x 8 in the 16 x 16 padded input)
+    masks[1, 8:16, 8:16] = 10.0  # padding only
+    out = detector.postprocess(class_logits, masks, (16, 16), (8, 8), (32, 32))
+    by_name = {d.class_name: d for d in out if d.score > 0.3}
+    assert set(by_name) == {"computer keyboard"}
+    keyboard = by_name["computer keyboard"]
+    assert keyboard.mask.shape == (32, 32) and keyboard.bbox == (0.0, 0.0, 16.0, 16.0)
+    mask = keyboard.mask  # the 4 x 4 block of the 8 x 8 image, x4: 16 x 16 (bilinear leaves its far corner out)
+    assert mask[:15, :15].all() and mask[:16, :16].sum() == 255 and not mask[16:].any() and not mask[:, 16:].any()
+
+
+def test_test_time_resize_is_cv2_bilinear_without_antialiasing(detector):
+    """GenEval's evaluator resizes with mmcv (cv2 INTER_LINEAR on the uint8 image): halving averages 2 x 2 blocks;
+    PIL's bilinear filter antialiases over 4 x 4. Pixels pinned by hand."""
+    from evaluation.detectors import resize_image
+
+    row = np.array([0, 40, 100, 180], dtype=np.uint8)
+    image = Image.fromarray(np.repeat(np.stack([row] * 4)[..., None], 3, axis=2))
+    assert (resize_image(image, (2, 2))[..., 0] == [[20, 140], [20, 140]]).all()
+    assert not (resize_image(image, (2, 2), "pil")[..., 0] == [[20, 140], [20, 140]]).all()
+    up = Image.fromarray(np.repeat(np.array([[0, 200]], dtype=np.uint8)[..., None], 3, axis=2))
+    assert (resize_image(up, (4, 1))[0, :, 0] == [0, 50, 150, 200]).all()  # half-pixel centres, edges clamped
+    # the detector's own path: a 160 x 160 image into its 133 x 80 test scale is halved the same way
+    big = Image.fromarray(np.tile(np.repeat(np.stack([row] * 4)[..., None], 3, axis=2), (40, 40, 1)))
+    pixels, sizes = detector.preprocess([big])
+    assert sizes == [(80, 80)]
+    expected = (torch.tensor([[20.0, 140.0] * 40] * 80)[None] - detector.mean) / detector.std
+    assert torch.allclose(pixels[0, :, :80, :80], expected, atol=1e-5)
+
+
+def test_clip_crops_are_preprocessed_like_open_clip(detector):
+    """open_clip (GenEval's CLIP): bicubic resize of the shorter side to 224, centre crop at round((H - 224) / 2)
+    (torchvision's rounding: 2 for a 227-pixel side, where transformers' processor takes 1)."""
+    from evaluation.detectors import open_clip_pixels
+
+    colors = detector.colors
+    processor = colors.processor.image_processor
+    size = processor.crop_size["height"]
+    rng = np.random.default_rng(0)
+    tall = rng.integers(0, 256, (size + 3, size, 3), dtype=np.uint8)
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    expected = (torch.from_numpy(tall[2:2 + size].astype(np.float32) / 255).permute(2, 0, 1) - mean) / std
+    ours = colors.pixels([Image.fromarray(tall)])
+    assert ours.shape == (1, 3, size, size) and torch.allclose(ours[0], expected, atol=1e-6)
+    theirs = processor(images=[Image.fromarray(tall)], return_tensors="pt")["pixel_values"]
+    assert not torch.allclose(theirs[0], expected, atol=1e-3)  # the option that differs is not the default
+    small = Image.fromarray(rng.integers(0, 256, (20, 10, 3), dtype=np.uint8))  # w 10, h 20 -> 224 x 448
+    resized = np.asarray(small.resize((size, 2 * size), Image.BICUBIC), dtype=np.float32) / 255
+    top = int(round(size / 2))
+    expected = (torch.from_numpy(resized[top:top + size]).permute(2, 0, 1) - mean) / std
+    assert torch.allclose(open_clip_pixels([small], size, processor.image_mean, processor.image_std)[0], expected,
+                          atol=1e-6)
 
 
 def test_clip_colour_crop_pastes_the_mask_on_999999_and_crops_to_the_box(detector):

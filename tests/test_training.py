@@ -208,3 +208,19 @@ def test_ema_is_checkpointed_resumed_and_exported(tiny_flux, dataset, tmp_path):
     resumed = weights(train(scm_args(tiny_flux, dataset, out, "--max_train_steps", "3", *common,
                                      "--resume_from_checkpoint", "latest")))
     assert any(not torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_the_log_is_a_bar_with_losses_and_step_time_then_one_summary_line(tiny_flux, dataset, tmp_path, capfd):
+    """A step budget: a bar in steps; a time budget: a bar in minutes (not steps out of 1,000,000); then one
+    summary line (stdout) with the steps, the minutes, the seconds per step and the last losses."""
+    train(scm_args(tiny_flux, dataset, tmp_path / "steps", "--max_train_steps", "3"))
+    captured = capfd.readouterr()
+    assert "3/3" in captured.err and "s/step=" in captured.err and "loss=" in captured.err
+    summary = [line for line in captured.out.splitlines() if line.startswith("sCM done: ")]
+    assert len(summary) == 1 and "sCM done: 3 steps in " in summary[0] and "s/step" in summary[0]
+    assert ", loss " in summary[0] and str(tmp_path / "steps" / "transformer") in summary[0]
+    train(scm_args(tiny_flux, dataset, tmp_path / "minutes", "--max_train_steps", "1000000",
+                   "--max_train_minutes", "0.02"))
+    captured = capfd.readouterr()
+    assert "sCM (0.02 min)" in captured.err and "/1000000" not in captured.err and "step=" in captured.err
+    assert any(line.startswith("sCM done: ") and " min (" in line for line in captured.out.splitlines())

@@ -161,14 +161,13 @@ def _make_optimizer(args, spec: NetworkSpec, params):
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
-def _save_grid(rows: list[list], path: Path):
-    from PIL import Image
+def _save_grid(rows: list[list], captions: list[str], path: Path):
+    """One row of images per caption (the validation prompt at one step count), the caption under every image."""
+    from common.grids import captioned_grid
 
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * w, i * h))
+    columns = max(len(r) for r in rows)
+    tiles = [image for row in rows for image in row]
+    grid = captioned_grid(tiles, [c for row, c in zip(rows, captions) for _ in row], columns)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return grid
@@ -513,7 +512,8 @@ class Trainer:
 
         rows = self._with_ema(run)
         step = self.state["global_step"]
-        grid = _save_grid(rows, Path(args.output_dir) / "validation" / f"step_{step:07d}.png")
+        captions = [f"{n} step{'s' if n > 1 else ''}: {args.validation_prompt}" for n in args.validation_inference_steps]
+        grid = _save_grid(rows, captions, Path(args.output_dir) / "validation" / f"step_{step:07d}.png")
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
@@ -538,8 +538,8 @@ class Trainer:
         logger.info("training %s: %d steps, %d per epoch, batch %d x %d processes x %d accumulation, networks %s",
                     self.method.name, args.max_train_steps, self.updates_per_epoch, args.train_batch_size,
                     acc.num_processes, args.gradient_accumulation_steps, ", ".join(self.nets))
-        bar = tqdm(total=args.max_train_steps, initial=state["global_step"], disable=not acc.is_local_main_process,
-                   desc=self.method.name)
+        bar = self._progress_bar()
+        first_step, last_shown = state["global_step"], {}
         consecutive_bad = 0
         images_per_step = args.train_batch_size * acc.num_processes * args.gradient_accumulation_steps
         started = self._clock = time.perf_counter()
@@ -549,7 +549,7 @@ class Trainer:
             logs, skipped = self.train_step()
             state["global_step"] += 1
             step = state["global_step"]
-            bar.update(1)
+            bar.update(min(time.perf_counter() - started, bar.total) - bar.n if args.max_train_minutes else 1)
             if skipped:
                 state["nonfinite_skipped"] += 1
                 consecutive_bad += 1
@@ -567,8 +567,9 @@ class Trainer:
                 elapsed = time.perf_counter() - tick
                 logs.update(step_time=torch.tensor(elapsed), images_per_sec=torch.tensor(images_per_step / elapsed))
                 shown = self.log(logs, step)
-                loss_keys = [k for k in shown if k == "loss" or k.endswith("_loss")]
-                bar.set_postfix({k: f"{shown[k]:.4g}" for k in loss_keys})
+                last_shown = {k: shown[k] for k in shown if k == "loss" or k.endswith("_loss")}
+                bar.set_postfix({**({"step": step} if args.max_train_minutes else {}),
+                                 **{k: f"{v:.4g}" for k, v in last_shown.items()}, "s/step": f"{elapsed:.2f}"})
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 self.save()
             if args.validation_prompt and args.validation_steps and step % args.validation_steps == 0:
@@ -578,8 +579,26 @@ class Trainer:
                 break
         bar.close()
         final = self.finish()
+        if acc.is_main_process:
+            minutes = (time.perf_counter() - started) / 60
+            done = state["global_step"] - first_step
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in last_shown.items())
+            tqdm.write(f"{self.method.name} done: {done} steps in {minutes:.1f} min ({60 * minutes / max(done, 1):.2f} s/step"
+                       f"{', step ' + str(state['global_step']) + ' in all' if first_step else ''})"
+                       f"{'; last ' + losses if losses else ''}; exported to {final}")
         acc.end_training()
         return final
+
+    def _progress_bar(self):
+        """A tqdm bar in steps, or in seconds under --max_train_minutes (the step count is then in its postfix)."""
+        args, acc = self.args, self.accelerator
+        off = not acc.is_local_main_process
+        if args.max_train_minutes:
+            return tqdm(total=round(60 * args.max_train_minutes), disable=off, unit="s",
+                        desc=f"{self.method.name} ({args.max_train_minutes:g} min)",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+        return tqdm(total=args.max_train_steps, initial=self.state["global_step"], disable=off,
+                    desc=self.method.name, unit="step")
 
     def finish(self) -> Path:
         """Final checkpoint (unless just written) and the final export in <output_dir>/transformer."""
