@@ -93,7 +93,8 @@ class SiD(DistillationMethod):
 
     def phases(self):
         return [Phase("fake_score", self.fake_score_loss),
-                Phase("generator", self.generator_loss, active=self.generator_active, frozen=("fake_score",))]
+                Phase("generator", self.generator_loss, active=self.generator_active, frozen=("fake_score",),
+                      images=False)]  # real images feed the discriminator only, in the fake-score phase
 
     # ----- one iteration -----
     def images_seen(self, step: int) -> int:

@@ -42,11 +42,12 @@ from .transformer import flux_velocity
 
 Tensor = torch.Tensor
 
+WEIGHT_FLOOR = 1e-5  # the 1/s weightings' denominators are clipped here (SiD-DiT), so no weight exceeds 1e5
 WEIGHTINGS = {
     "1_minus_sigma": lambda s: 1 - s,  # SiD-DiT's default
     "1_minus_sigma_sq": lambda s: (1 - s) ** 2,
-    "inv_sigma": lambda s: 1 / s,
-    "inv_sigma_sq": lambda s: 1 / s ** 2,
+    "inv_sigma": lambda s: 1 / s.clamp_min(WEIGHT_FLOOR),  # at most 1e5, as SiD-DiT clips
+    "inv_sigma_sq": lambda s: 1 / (s ** 2).clamp_min(WEIGHT_FLOOR),
     "snr": lambda s: ((1 - s) / s) ** 2,  # alpha^2 / sigma^2 of the flow path
     "sid_legacy": None,  # SiD-LSG: 1 / max(mean |x_g - y_r|, 1e-5), per sample, detached (needs the samples)
 }

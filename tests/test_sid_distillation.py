@@ -96,7 +96,8 @@ class CountingFlux(torch.nn.Module):
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, img_ids,
                 txt_ids, return_dict=False, **_):
         self.calls.append({"batch": hidden_states.shape[0], "pooled": pooled_projections.clone(),
-                           "guidance": guidance.clone()})
+                           "guidance": guidance.clone(), "x": hidden_states.detach().clone(),
+                           "t": timestep.detach().clone(), "grad": torch.is_grad_enabled()})
         features = self.norm_out(hidden_states * 3)
         return (self.a * features / 3 + self.b * pooled_projections[:, :1, None] + self.weight,)
 
@@ -295,6 +296,11 @@ def test_gan_real_branch_shares_the_noise_and_the_prompts_of_the_fake_logits(kap
     passes = 1 if kappa1 in (0, 1) else 2
     assert call["batch"] == 2 * (passes + 1) and (call["pooled"][-2:, 0] == seen).all()
     assert "loss_discriminator" in logs and torch.isfinite(loss)
+    # the real rows are x_real noised with the fake rows' own s and eps: same times, same noise
+    x_s = (1 - s[:, None, None]) * x_g + s[:, None, None] * eps
+    x_real_s = (1 - s[:, None, None]) * x_real + s[:, None, None] * eps
+    assert torch.allclose(call["x"][:2], x_s) and torch.allclose(call["x"][-2:], x_real_s)
+    assert torch.equal(call["t"][-2:], call["t"][:2]) and torch.allclose(call["t"][:2], s)
 
 
 @pytest.mark.parametrize("kappa1,kappa2,calls_rows", [(1.0, 1.0, 2), (0.0, 1.0, 4), (0.0, -1.0, 4), (1.0, 0.0, 4)])
@@ -393,3 +399,111 @@ def test_overriding_kappa2_sets_kappa3_and_anti_cfg_trains_both_branches():
     assert (config.kappa1, config.kappa2, config.kappa3, config.kappa4) == (1.0, -2.0, -2.0, 1.0)
     config = train_sid.SiD(train_sid.parse_args(base + ["--guidance_strategy", "anti_cfg"])).config
     assert config.kappa1 == 1.0 and config.uses_prompt_dropout  # f_psi learns "" and c, which kappa2 = -1 mixes
+
+
+# ----- what runs with and without gradients; prompt dropout; weights -----
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_generator_runs_k_minus_1_steps_without_grad_and_step_k_with_grad(k):
+    from model.sid import generate
+
+    model = CountingFlux()
+    config = SiDConfig(num_generator_steps=3)
+    noise = torch.randn(2, 4, 8)
+    x_g = generate(model, noise, k, prompts(2, 1.0), image_ids(4, 4), config, lambda _: torch.randn(2, 4, 8), True)
+    assert [c["grad"] for c in model.calls] == [False] * (k - 1) + [True]
+    assert x_g.requires_grad  # through the last step's parameters only
+    (grad,) = torch.autograd.grad(x_g.sum(), model.weight)
+    t_k = float(sid_times(3, 1.0)[k - 1])
+    assert torch.allclose(grad, torch.tensor([-t_k * x_g.numel()]))  # x0 = x - t v, v = ... + weight: one step
+    model.calls.clear()
+    x_g = generate(model, noise, k, prompts(2, 1.0), image_ids(4, 4), config, lambda _: torch.randn(2, 4, 8), False)
+    assert [c["grad"] for c in model.calls] == [False] * k and not x_g.requires_grad
+
+
+def sid_method(*extra):
+    import train_sid
+
+    args = train_sid.parse_args(["--pretrained_model_name_or_path", "unused", "--prompts_file", str(Path(__file__)),
+                                 "--num_generator_steps", "2", *extra])
+    method = train_sid.SiD(args)
+    method.empty, method.latent_channels = prompts(1, -3.0), 8
+    return method
+
+
+@pytest.mark.parametrize("strategy,dropped", [("lsg", False), ("anti_cfg", True), ("zero_cfg", True)])
+def test_prompt_dropout_is_applied_exactly_when_a_kappa_needs_the_empty_prompt(strategy, dropped, monkeypatch):
+    """With --prompt_dropout 1 every fake-score prompt becomes "" when kappa1 or kappa2 is not 1 (Anti-CFG,
+    Zero-CFG), and none does when both are 1 (LSG at its default kappa 1)."""
+    import train_sid
+    from training.method import Batch
+
+    method = sid_method("--guidance_strategy", strategy, "--prompt_dropout", "1.0")
+    seen = {}
+
+    def objective(fake, x_g, s, eps, cond, empty, img_ids, config, x_real=None, batch_size=None):
+        seen["pooled"] = cond.pooled_prompt_embeds.clone()
+        return torch.zeros(()), {}
+
+    monkeypatch.setattr(train_sid, "fake_score_objective", objective)
+    monkeypatch.setattr(method, "draw", lambda *a, **k: (1, torch.randn(3, 4, 8)))
+    batch = Batch(None, prompts(3, 1.0), image_ids(4, 4), ["a", "b", "c"], (4, 4))
+    nets = type("Nets", (), {"wrapped": staticmethod(lambda name: None)})()
+    method.fake_score_loss(nets, None, batch, 0, torch.Generator().manual_seed(0))
+    assert method.config.uses_prompt_dropout == dropped
+    assert (seen["pooled"] == (-3.0 if dropped else 1.0)).all()
+
+
+def test_the_fake_score_gets_no_gradient_in_the_generator_phase(tiny_flux, prompts_file, tmp_path, monkeypatch):
+    """Through the Trainer: the generator phase's backward leaves every fake-score gradient as it was (its
+    parameters are frozen from the loss's forward to the end of its backward) and gives the generator one."""
+    from training.trainer import Trainer
+
+    original = Trainer._backward
+    records = []
+
+    def backward(self, net, loss, last):
+        snapshot = {n: (None if p.grad is None else p.grad.clone())
+                    for n, p in self.nets["fake_score"].plain.named_parameters()}
+        original(self, net, loss, last)
+        after = {n: p.grad for n, p in self.nets["fake_score"].plain.named_parameters()}
+        changed = [n for n in after if (after[n] is None) != (snapshot[n] is None)
+                   or (after[n] is not None and not torch.equal(after[n], snapshot[n]))]
+        generator_grads = [p.grad for p in self.nets["generator"].plain.parameters() if p.requires_grad]
+        records.append((net.name, changed, any(g is not None and g.abs().sum() > 0 for g in generator_grads)))
+
+    monkeypatch.setattr(Trainer, "_backward", backward)
+    train(sid_args(tiny_flux, prompts_file, tmp_path / "run", "--max_train_steps", "2"))
+    generator_phases = [r for r in records if r[0] == "generator"]
+    fake_phases = [r for r in records if r[0] == "fake_score"]
+    assert len(generator_phases) == 2 and len(fake_phases) == 2
+    assert all(changed == [] for _, changed, _ in generator_phases), records
+    assert generator_phases[-1][2]  # (at step 0 the fake score equals the teacher: L_G's gradient is exactly 0)
+    assert all(changed for _, changed, _ in fake_phases)  # the check sees gradients when they arrive
+
+
+def test_inverse_sigma_weights_are_capped_at_1e5():
+    from model.sid import WEIGHTINGS
+
+    s = torch.tensor([1e-7, 1e-5, 1e-3, 0.5])
+    assert torch.allclose(WEIGHTINGS["inv_sigma"](s), torch.tensor([1e5, 1e5, 1e3, 2.0]))
+    assert torch.allclose(WEIGHTINGS["inv_sigma_sq"](s), torch.tensor([1e5, 1e5, 1e5, 4.0]))
+
+
+def test_with_the_gan_only_the_fake_score_phase_encodes_images(tiny_flux, tmp_path, monkeypatch):
+    """Real images feed the discriminator, in the fake-score phase only: one VAE encoding per iteration."""
+    import training.trainer as trainer_module
+    from data.synthetic import make_synthetic_dataset
+
+    dataset = make_synthetic_dataset(tmp_path / "data", num_images=8, resolution=32, seed=0)
+    original, calls = trainer_module.encode_images, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "encode_images", counting)
+    args = sid_args(tiny_flux, "unused", tmp_path / "run", "--max_train_steps", "2", "--gan",
+                    "--gan_generator_start_images", "0", "--gan_adv_start_images", "2")
+    args = [a for i, a in enumerate(args) if a != "--prompts_file" and args[i - 1] != "--prompts_file"]
+    train(args + ["--dataset_name", str(dataset)])
+    assert len(calls) == 2  # 2 iterations x (fake score: encoded; generator: not)

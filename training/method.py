@@ -80,6 +80,7 @@ class Phase:
     loss: Callable
     active: Callable[[int], bool] | None = None
     frozen: tuple[str, ...] = ()  # other trained networks used by the loss, frozen through its forward and backward
+    images: bool = True  # False: the loss never reads batch.x0, so the batch's images are not VAE-encoded
 
 
 class DistillationMethod:

@@ -341,15 +341,18 @@ class Trainer:
             return raw
 
     @torch.no_grad()
-    def encode_batch(self, raw) -> Batch:
+    def encode_batch(self, raw, images: bool = True) -> Batch:
+        """Prompt embeddings and, when `images` and the batch has them, the images' packed VAE latents (x0)."""
         args = self.args
         cond = self.components.encode(raw["captions"], args.max_sequence_length, self.device)
-        if "pixel_values" in raw:
+        if "pixel_values" in raw and images:
             x0 = encode_images(self.components.vae, raw["pixel_values"], generator=self.generator)
             h, w = x0.shape[-2:]
             x0 = pack_latents(x0).to(self.device)
-        else:  # prompts only: the latent size follows --resolution
-            x0, h, w = None, args.resolution // 8, args.resolution // 8
+        else:  # prompts only, or a phase that reads no image: the latent size follows the images / --resolution
+            factor = 2 ** (len(self.components.vae.config.block_out_channels) - 1)
+            size = raw["pixel_values"].shape[-2:] if "pixel_values" in raw else (args.resolution, args.resolution)
+            x0, h, w = None, size[0] // factor, size[1] // factor
         return Batch(x0, cond, image_ids(h, w, device=self.device), raw["captions"], (h, w))
 
     # ----- one step -----
@@ -386,7 +389,7 @@ class Trainer:
         bad, backpropped, logs = False, 0, {}
         for micro in range(steps):
             last = micro == steps - 1
-            batch = self.encode_batch(self.next_batch())
+            batch = self.encode_batch(self.next_batch(), images=phase.images)
             with self._phase_context(phase, net, last):
                 with acc.autocast():
                     loss, micro_logs = phase.loss(self.networks, self.teacher, batch, self.state["global_step"],
