@@ -24,6 +24,7 @@ NEGATIVE_PROMPT = " "  # the reference's unconditional prompt: a single space, n
 
 
 class MeanFlow(DistillationMethod):
+    needs_rescaled = True
     name = "MeanFlow"
     tracker_project = "flux_meanflow"
     pipeline_cls = FluxMeanFlowPipeline

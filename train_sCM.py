@@ -19,6 +19,7 @@ from training import DistillationMethod, Trainer, load_rescaled, training_parser
 
 
 class SCM(DistillationMethod):
+    needs_rescaled = True
     name = "sCM"
     tracker_project = "flux_sCM"
     pipeline_cls = FluxSCMPipeline

@@ -159,6 +159,19 @@ def require_dir(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
     return _require(path, flag, hint, folder=True)
 
 
+def require_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """The folder, created if needed, after a probe file was written and removed in it (one-line error if not)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UnwritablePathError(f"{flag} {folder} is not writable ({err.strerror}); choose another folder") from err
+    return folder
+
+
 def check_pretrained_model(value: str, flag: str = "--pretrained_model_name_or_path") -> str:
     """A local diffusers pipeline folder (with model_index.json) or something that can be a hub id."""
     path = Path(value).expanduser()

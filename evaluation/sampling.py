@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from common.cli import (ArgumentParser, UsageError, check_pretrained_model, nonnegative_float, nonnegative_int,
-                        positive_int, require_file, resolution)
+                        positive_int, require_file, require_writable_dir, resolution)
 
 from .geneval import Shard, generate_geneval, load_prompts, run_dir
 
@@ -76,6 +76,12 @@ def check_sampling_args(args: argparse.Namespace) -> argparse.Namespace:
         if value and not Path(value).exists():
             raise UsageError(f"--{flag} {value} does not exist; pass a .pt holding {{'module': state_dict}}, a "
                              ".safetensors file or a diffusers transformer folder")
+        if value:
+            from model.loading import check_checkpoint
+
+            check_checkpoint(value)  # unreadable, pickled or malformed: refused before the model is loaded
+    load_prompts(args.prompts_file, args.metadata_file, args.limit)  # an empty or malformed file: refused here
+    require_writable_dir(args.output_dir, "--output_dir")
     return args
 
 

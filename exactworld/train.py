@@ -65,7 +65,7 @@ class ExactTrainer(Trainer):
         return PromptDataset(self.world.prompts * PROMPT_REPEATS, "the exact world's prompts")
 
     @torch.no_grad()
-    def encode_batch(self, raw) -> Batch:
+    def encode_batch(self, raw, images: bool = True) -> Batch:
         captions = raw["captions"]
         ids = self.world.prompt_ids(captions)
         x0, _ = self.world.sample(ids, self.generator)

@@ -52,8 +52,33 @@ def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, a folder of them, or a .pt/.pth/.bin file (read with weights_only=True).
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """read_state_dict's checks without reading the tensors (safetensors headers; torch.load memory-mapped), so
+    that an unreadable, pickled or malformed checkpoint is refused before any model is loaded."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        files = [path] if path.suffix == ".safetensors" and not path.is_dir() else sorted(folder.glob("*.safetensors"))
+        if not path.exists():
+            raise MissingPathError(f"checkpoint {path} does not exist")
+        if not files:
+            raise MissingPathError(f"no .safetensors weights in {folder}; export the model with save_pretrained")
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except Exception as err:
+                raise UsageError(f"{file} is not a readable .safetensors file ({one_line(err)[:200]}); pass a "
+                                 ".safetensors file, a diffusers transformer folder or a .pt") from err
+        return
+    read_state_dict(path, mmap=True)
+
+
+def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, a folder of them, or a .pt/.pth/.bin file (read with weights_only=True;
+    memory-mapped with `mmap`, so that only what is touched is read).
 
     A dict holding the state dict under "module" (the reference's checkpoints) is unwrapped, and so is a
     "module." prefix on every key (a state dict saved from a DDP/DeepSpeed wrapper).
@@ -71,7 +96,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise UsageError(f"{path} is not a file written by torch.save (it starts with {path.read_bytes()[:16]!r}); "
                              + fix)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
         except pickle.UnpicklingError as err:  # pickle of arbitrary objects is refused on purpose
             raise UsageError(f"{path} holds pickled Python objects besides tensors, which are not loaded (code could "
                              f"run); {fix}") from err

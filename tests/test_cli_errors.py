@@ -200,18 +200,38 @@ def load_entry(name: str):
     return importlib.import_module(name).main
 
 
+def refuse_model_loading(monkeypatch):
+    """Loading a transformer, a pipeline or the training components raises: the input checks must come first."""
+    import diffusers
+
+    import model.loading
+    import training.trainer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(model.loading, "load_transformer", loaded)
+    monkeypatch.setattr(training.trainer, "load_components", loaded)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(loaded))
+
+
 def test_more_user_errors_are_one_line_with_exit_status_2(files, capsys, monkeypatch):
     from accelerate.state import AcceleratorState, GradientState
 
     from common.cli import run as run_cli
 
     monkeypatch.delenv("FLUX_DISTILL_DEBUG", raising=False)
+    refuse_model_loading(monkeypatch)  # every mistake here is refused before a model is loaded
     failures = []
     for name, argv, fragment in more_cases(files):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(load_entry(name), argv)
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                run_cli(load_entry(name), argv)
+        except AssertionError as err:
+            failures.append(f"{name} {argv[-2:]}: {err}")
+            continue
         stderr = capsys.readouterr().err
         if problems := error_problems(exit_info.value.code, stderr, fragment):
             failures.append(f"{name} {argv[-2:]}: {', '.join(problems)}\n{stderr[-800:]}")

@@ -144,6 +144,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
 class ODERegression(DistillationMethod):
     """Mean squared error of u_theta(x_t, r, t) against the teacher trajectory's segment velocity; one segment per
     sample, drawn uniformly from the 1-, 2- and 4-step samplers' segments."""
+    needs_rescaled = True
 
     name = "KD"
     tracker_project = "toy_ceiling"
@@ -186,7 +187,7 @@ class CeilingTrainer(Trainer):
         return dataset
 
     @torch.no_grad()
-    def encode_batch(self, raw) -> Batch:
+    def encode_batch(self, raw, images: bool = True) -> Batch:
         cond = self.components.encode(raw["captions"], self.args.max_sequence_length, self.device)
         traj = raw["trajectory"].to(self.device).float()
         side = int(round(traj.shape[2] ** 0.5)) * 2

@@ -91,6 +91,7 @@ class DistillationMethod:
     pipeline_cls = None  # a model.pipeline class used for validation images
     export_network = "student"  # the network exported for inference
     needs_images = True  # False: the data are prompts only (no image is decoded)
+    needs_rescaled = False  # True: the networks are x1 models from --rescaled_checkpoint_path (checked up front)
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import UnwritablePathError, UsageError, check_pretrained_model, hub_error
+from common.cli import UsageError, check_pretrained_model, hub_error, require_writable_dir
 from data import PromptDataset, TextImageDataset, build_dataloader, load_text_image_dataset
 from model.latents import encode_images, image_ids, pack_latents
 from model.loading import load_transformer
@@ -47,14 +47,7 @@ def _free_port() -> int:
 
 
 def _check_output_dir(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UnwritablePathError(f"--output_dir {output_dir} is not writable ({err.strerror}); choose another "
-                                  "folder") from err
+    require_writable_dir(output_dir, "--output_dir")
 
 
 def build_accelerator(args: argparse.Namespace, project: str, clipping: dict[str, float] | None = None):
@@ -129,14 +122,19 @@ def load_components(args, device, dtype) -> Components:
                       pipe.scheduler)
 
 
-def load_rescaled(args, dtype, **kwargs):
-    """The x1 transformer from --rescaled_checkpoint_path, with a clear stop when it is missing."""
+def require_rescaled(args) -> None:
+    """A clear stop when a method that trains x1 models has no --rescaled_checkpoint_path (and no smoke-test flag)."""
     if not args.rescaled_checkpoint_path and not args.allow_unrescaled_teacher:
         raise UsageError(
             "--rescaled_checkpoint_path is required: distillation trains x1 (rescaled time input) models, and "
             "without it the x1 model would start from x1000 weights that are untrained for x1 time inputs. "
             "Make one with train_rescale.py, or pass --allow_unrescaled_teacher for a smoke test."
         )
+
+
+def load_rescaled(args, dtype, **kwargs):
+    """The x1 transformer from --rescaled_checkpoint_path, with a clear stop when it is missing."""
+    require_rescaled(args)
     if not args.rescaled_checkpoint_path:
         logger.warning("no --rescaled_checkpoint_path: the x1 models start from x1000-trained weights")
     return load_transformer(args.pretrained_model_name_or_path, weights_path=args.rescaled_checkpoint_path,
@@ -237,6 +235,11 @@ class Trainer:
         dataset = self.build_dataset()
         loader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, shuffle=True,
                                   seed=args.seed)
+        needed = len(self.phases) * args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
+        if len(dataset) < needed:  # before the models are loaded (checked again below on the prepared loader)
+            raise UsageError(f"the dataset ({len(dataset)} items) is smaller than one step's "
+                             f"{len(self.phases) * args.gradient_accumulation_steps} batches of {args.train_batch_size} "
+                             f"per process x {acc.num_processes} processes; lower --train_batch_size or add data")
 
         self.components = self.load_components()
         specs, teacher = method.build_networks(self.components, self.weight_dtype, self.device)
@@ -272,6 +275,13 @@ class Trainer:
         """The user's inputs, checked before anything slow (the 8B model load) so that a mistake costs seconds."""
         check_pretrained_model(self.args.pretrained_model_name_or_path)
         _check_output_dir(Path(self.args.output_dir))
+        from model.loading import check_checkpoint
+
+        if getattr(self.method, "needs_rescaled", False):
+            require_rescaled(self.args)
+        for flag in ("rescaled_checkpoint_path", "resume_path"):
+            if getattr(self.args, flag, None):
+                check_checkpoint(getattr(self.args, flag))
 
     def load_components(self) -> Components:
         """The frozen text encoders, VAE and scheduler (another world, such as the exact one, brings its own)."""
