@@ -41,10 +41,11 @@ RECIPES = {
     "scm": ["--max_train_steps", "3000", "--train_batch_size", "256", "--learning_rate", "1e-4",
             "--lr_scheduler", "cosine", "--tangent_warmup_steps", "200", "--logit_mean", "0.2", "--logit_std", "1.6"],
     # plain squared error: the reference's adaptive weighting (p = 1) holds the 1-step student back (docs)
-    "meanflow": ["--max_train_steps", "3000", "--train_batch_size", "256", "--learning_rate", "1e-4",
+    "meanflow": ["--max_train_steps", "5000", "--train_batch_size", "256", "--learning_rate", "1e-4",
                  "--lr_scheduler", "cosine", "--zero_init_dual", "--weighting", "uniform"],
+    # no clipping (SiD-DiT's default recipe): clipping every step by norm 1 left the 2-step generator at 2x the floor
     "sid": ["--max_train_steps", "5000", "--train_batch_size", "256", "--learning_rate", "1e-4",
-            "--fake_learning_rate", "1e-4", "--lr_scheduler", "cosine"],
+            "--fake_learning_rate", "1e-4", "--lr_scheduler", "cosine", "--max_grad_norm", "0"],
 }
 STUDENTS = ("scm", "meanflow", "sid")
 CURVE_POINTS = 4  # checkpoints along each student's training, scored at 1 step
@@ -89,8 +90,21 @@ def train_jobs(jobs: list[tuple[str, list[str]]], parallel: int) -> None:
 
 
 def settings_digest(world_config, per_prompt: int) -> str:
-    return hashlib.sha256(repr((world_config.to_dict(), per_prompt, COMMON, sorted(RECIPES.items()),
+    """What the references and the fit depend on; each student's own recipe is stamped in its folder."""
+    return hashlib.sha256(repr((world_config.to_dict(), per_prompt, COMMON, RECIPES["fit"],
                                 CURVE_POINTS)).encode()).hexdigest()
+
+
+def claim_student(out: Path, method: str, argv: list[str]) -> None:
+    """A student folder trained with another command line is refused (delete it to retrain), never mixed."""
+    folder, stamp = out / method, out / method / "recipe.json"
+    if stamp.exists() and json.loads(stamp.read_text())["argv"] != argv:
+        raise UsageError(f"{folder} was trained with another recipe than RECIPES[{method!r}]; delete that folder to "
+                         "retrain it, or pass another --output_dir")
+    if folder.is_dir() and not stamp.exists() and any(folder.iterdir()):
+        raise UsageError(f"{folder} has no recipe.json (made by an older version); delete it to retrain")
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"argv": argv}))
 
 
 def claim(out: Path, digest: str) -> None:
@@ -238,6 +252,8 @@ def main(argv=None) -> dict:
     if not (out / "fit" / "transformer").exists():
         train_jobs([("fit", command("fit", out, None, guidance))], 1)
     fit = out / "fit" / "transformer"
+    for m in args.students:
+        claim_student(out, m, command(m, out, fit, guidance))
     todo = [(m, command(m, out, fit, guidance)) for m in args.students if not (out / m / "transformer").exists()]
     train_jobs(todo, args.jobs)
     seconds_training = time.perf_counter() - start

@@ -6,6 +6,7 @@ and fail when a student stops reaching the teacher's ODE distribution in few ste
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,21 @@ def test_exact_sid_converges_to_the_teacher_distribution(fitted):
     assert max(got[1]["distance"], got[2]["distance"]) <= 0.8 * euler[2]["distance"], (got, euler[2])
     assert max(got[1]["distance"], got[2]["distance"]) <= 1.25 * euler[4]["distance"], (got, euler[4])
     assert min(got[1]["mode_accuracy"], got[2]["mode_accuracy"]) >= 0.95, got
+
+
+def test_benchmark_refuses_a_student_trained_with_another_recipe(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "script"))
+    import exact_world_benchmark as bench
+
+    from common.cli import UsageError
+
+    bench.claim_student(tmp_path, "sid", ["--max_train_steps", "5"])
+    bench.claim_student(tmp_path, "sid", ["--max_train_steps", "5"])  # the same recipe continues
+    with pytest.raises(UsageError, match="another recipe"):
+        bench.claim_student(tmp_path, "sid", ["--max_train_steps", "6"])
+    (tmp_path / "scm").mkdir()
+    (tmp_path / "scm" / "checkpoint-1").mkdir()
+    with pytest.raises(UsageError, match="no recipe.json"):
+        bench.claim_student(tmp_path, "scm", ["--max_train_steps", "5"])
