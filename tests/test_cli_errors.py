@@ -201,17 +201,14 @@ def load_entry(name: str):
 
 
 def refuse_model_loading(monkeypatch):
-    """Loading a transformer, a pipeline or the training components raises: the input checks must come first."""
+    """Loading any diffusers model or pipeline raises: the input checks must come first. (Class attributes, looked
+    up at each call: patching a function that modules import by name would outlive the test in those modules.)"""
     import diffusers
-
-    import model.loading
-    import training.trainer
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(model.loading, "load_transformer", loaded)
-    monkeypatch.setattr(training.trainer, "load_components", loaded)
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", classmethod(loaded))
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(loaded))
 
 
