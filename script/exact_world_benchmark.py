@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common.cli import ArgumentParser, UsageError, positive_int, run  # noqa: E402
+from common.cli import ArgumentParser, UsageError, positive_float, positive_int, run  # noqa: E402
 
 # Every recipe shares these; steps and batches are per student. The fit is the students' starting point.
 COMMON = ["--lr_warmup_steps", "50", "--adam_weight_decay", "0", "--ema_decay", "0.999", "--seed", "0"]
@@ -240,10 +240,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--per_prompt", type=positive_int, default=1024, help="reference samples per prompt")
     parser.add_argument("--jobs", type=positive_int, default=2, help="students trained at once")
     parser.add_argument("--students", nargs="+", choices=STUDENTS, default=list(STUDENTS))
+    parser.add_argument("--guidance", type=positive_float, default=WorldConfig.guidance,
+                        help="the CFG scale of the teacher the students learn and are scored against (the world's "
+                             "default 2; 1 is the mixture itself, where the guided ODE's output is the data)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.output_dir)
-    world_config = WorldConfig()
+    world_config = WorldConfig(guidance=args.guidance)
     world = GaussianMixtureWorld(world_config)
     guidance = world_config.guidance
     claim(out, settings_digest(world_config, args.per_prompt))
