@@ -52,7 +52,7 @@ STUDENTS = {
     "scm": ("train_sCM", "scm", ["--logit_mean", "0.2", "--logit_std", "1.6", "--learning_rate", "2e-4"]),
     # plain squared error (--weighting uniform), not the reference's adaptive weighting (p = 1), which gives every
     # sample's loss the same weight and so holds back the long segments few-step sampling takes: chosen on
-    # validation prompts (eval seed 1, 64 per category x 2 images, seed 0, 8 minutes; docs/toy_world.md):
+    # validation prompts (eval seed 1, 64 per category x 2 images, seed 0, 8 minutes; docs/toy_students.md):
     # 1/2/4 steps 0.186 / 0.322 / 0.447 (adaptive) -> 0.272 / 0.495 / 0.574 (uniform); the exact world shows the
     # same (docs/exact_world.md)
     "meanflow": ("train_meanflow", "meanflow", ["--zero_init_dual", "--use_cfg_meanflow", "True", "--cfg_kappa", "0.5",
