@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the entry scripts (train_sCM.py, ...) live at the repository root
     sys.path.insert(0, str(ROOT))
 
-from common.cli import UsageError, nonnegative_float, positive_int, probability, run  # noqa: E402
+from common.cli import (UsageError, nonnegative_float, positive_int, probability, require_writable_dir,  # noqa: E402
+                        run)
 from data import PromptDataset  # noqa: E402
 from model.latents import image_ids  # noqa: E402
-from training import Batch, DistillationMethod, Trainer, training_parser  # noqa: E402
-from training.trainer import _check_output_dir  # noqa: E402
+from training import Batch, DistillationMethod, Trainer, reset_accelerate, training_parser  # noqa: E402
 
 from .networks import ExactTeacher, ExactWorldNet  # noqa: E402
 from .world import GaussianMixtureWorld, WorldConfig  # noqa: E402
@@ -56,7 +56,7 @@ class ExactTrainer(Trainer):
         self.world = world
 
     def check_inputs(self) -> None:
-        _check_output_dir(Path(self.args.output_dir))
+        require_writable_dir(self.args.output_dir, "--output_dir")
 
     def load_components(self) -> ExactComponents:
         return ExactComponents(self.world)
@@ -202,14 +202,6 @@ def write_prompts_file(world: WorldConfig, argv: list[str]) -> Path:
 def build_method(method: str, args: argparse.Namespace, world: GaussianMixtureWorld, init: str | None):
     cls = VelocityFit if method == "fit" else _method_classes()[method]
     return cls(args).attach(world, init)
-
-
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state, so that several runs can train in one process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def train(argv=None) -> Path:

@@ -42,14 +42,15 @@ def hub_errors(name: str, flag: str = "--pretrained_model_name_or_path"):
         raise hub_error(name, err, flag) from err
 
 
-def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _safetensors_files(path: Path) -> list[Path]:
+    """The .safetensors file itself, or those of a folder (of its transformer/ subfolder when it has one)."""
+    if not path.is_dir():
+        return [path]
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MissingPathError(f"no .safetensors weights in {folder}; export the model with save_pretrained")
-    state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
-        state_dict.update(load_file(file))
-    return state_dict
+    return files
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
@@ -59,13 +60,9 @@ def check_checkpoint(path: str | os.PathLike) -> None:
     if path.is_dir() or path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
-        files = [path] if path.suffix == ".safetensors" and not path.is_dir() else sorted(folder.glob("*.safetensors"))
         if not path.exists():
             raise MissingPathError(f"checkpoint {path} does not exist")
-        if not files:
-            raise MissingPathError(f"no .safetensors weights in {folder}; export the model with save_pretrained")
-        for file in files:
+        for file in _safetensors_files(path):
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     handle.keys()
@@ -86,10 +83,10 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
     path = Path(path)
     if not path.exists():
         raise MissingPathError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        state_dict = _folder_weights(path / "transformer" if (path / "transformer").is_dir() else path)
-    elif path.suffix == ".safetensors":
-        state_dict = load_file(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        state_dict = {}
+        for file in _safetensors_files(path):
+            state_dict.update(load_file(file))
     elif path.suffix in PICKLE_SUFFIXES:
         fix = "pass a .pt holding {'module': state_dict}, a .safetensors file or a diffusers transformer folder"
         if not zipfile.is_zipfile(path) and path.read_bytes()[:1] != b"\x80":  # torch.save: zip, or legacy pickle

@@ -127,13 +127,6 @@ def log(msg: str) -> None:
         print(f"[toy-benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def stage_data(out: Path, preset: dict, seed: int, eval_seed: int | None = None) -> tuple[Path, Path]:
     """The training set (from `seed`) and the evaluation prompts (from `eval_seed`, default `seed`: the held-out
     prompts are seed 0's; validation prompts, on which settings are chosen, another seed's)."""
@@ -180,6 +173,8 @@ def _train(module_name: str, argv: list[str], done: Path) -> Path:
         log(f"reusing {done}")
         return done
     import importlib
+
+    from training import reset_accelerate
 
     module = importlib.import_module(module_name)
     reset_accelerate()

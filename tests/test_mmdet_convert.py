@@ -145,7 +145,7 @@ def test_conversion_loads_strictly_and_runs(converted, config, model, mmdet_sd):
     from transformers import Mask2FormerForUniversalSegmentation
 
     fresh = Mask2FormerForUniversalSegmentation(config)
-    result = fresh.load_state_dict(converted, strict=False)
+    result = fresh.load_state_dict(converted)  # strict: a missing or unexpected key raises, listing them
     assert result.missing_keys == [] and result.unexpected_keys == []
     # plain renames carry the tensors unchanged
     for src, dst in [("panoptic_head.query_feat.weight", "model.transformer_module.queries_features.weight"),

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import train_meanflow
 import train_sCM
-from training import Trainer, rank_seed
+from training import Trainer, rank_seed, reset_accelerate
 from training.checkpoint import list_checkpoints, resolve_resume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,13 +28,6 @@ def scm_args(tiny_flux, dataset, out, *extra):
             "--max_sequence_length", "16", "--dataloader_num_workers", "0", "--output_dir", str(out),
             "--report_to", "none", "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
             "--tangent_warmup_steps", "3", "--seed", "7", *extra]
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 METHODS = {"scm": (train_sCM.parse_args, train_sCM.SCM), "meanflow": (train_meanflow.parse_args, train_meanflow.MeanFlow)}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from common.cli import UsageError, check_pretrained_model, hub_error, require_writable_dir
 from data import PromptDataset, TextImageDataset, build_dataloader, load_text_image_dataset
 from model.latents import encode_images, image_ids, pack_latents
-from model.loading import load_transformer
+from model.loading import check_checkpoint, load_transformer
 
 from .checkpoint import check_resumable, export_transformer, load_checkpoint, resolve_resume, save_checkpoint
 from .method import Batch, Components, DistillationMethod, NetworkSpec
@@ -46,8 +46,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    require_writable_dir(output_dir, "--output_dir")
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that several runs can train in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _dataset_too_small(items: int, batches: int, batch_size: int, processes: int) -> UsageError:
+    return UsageError(f"the dataset ({items} items) is smaller than one step's {batches} batches of {batch_size} per "
+                      f"process x {processes} processes; lower --train_batch_size or add data")
 
 
 def build_accelerator(args: argparse.Namespace, project: str, clipping: dict[str, float] | None = None):
@@ -235,11 +244,9 @@ class Trainer:
         dataset = self.build_dataset()
         loader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, shuffle=True,
                                   seed=args.seed)
-        needed = len(self.phases) * args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
-        if len(dataset) < needed:  # before the models are loaded (checked again below on the prepared loader)
-            raise UsageError(f"the dataset ({len(dataset)} items) is smaller than one step's "
-                             f"{len(self.phases) * args.gradient_accumulation_steps} batches of {args.train_batch_size} "
-                             f"per process x {acc.num_processes} processes; lower --train_batch_size or add data")
+        batches_per_step = len(self.phases) * args.gradient_accumulation_steps
+        if len(dataset) < batches_per_step * args.train_batch_size * acc.num_processes:  # before the models load
+            raise _dataset_too_small(len(dataset), batches_per_step, args.train_batch_size, acc.num_processes)
 
         self.components = self.load_components()
         specs, teacher = method.build_networks(self.components, self.weight_dtype, self.device)
@@ -249,11 +256,9 @@ class Trainer:
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
         self.loader = acc.prepare(loader)
-        batches_per_step = len(self.phases) * args.gradient_accumulation_steps
         self.updates_per_epoch = len(self.loader) // batches_per_step
-        if self.updates_per_epoch == 0:
-            raise UsageError(f"the dataset ({len(dataset)} items) is smaller than one step's {batches_per_step} "
-                             f"batches of {args.train_batch_size} per process; lower --train_batch_size or add data")
+        if self.updates_per_epoch == 0:  # the prepared loader's own count (its sharding can round down)
+            raise _dataset_too_small(len(dataset), batches_per_step, args.train_batch_size, acc.num_processes)
         if args.max_train_steps is None:
             args.max_train_steps = args.num_train_epochs * self.updates_per_epoch
         if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
@@ -274,10 +279,8 @@ class Trainer:
     def check_inputs(self) -> None:
         """The user's inputs, checked before anything slow (the 8B model load) so that a mistake costs seconds."""
         check_pretrained_model(self.args.pretrained_model_name_or_path)
-        _check_output_dir(Path(self.args.output_dir))
-        from model.loading import check_checkpoint
-
-        if getattr(self.method, "needs_rescaled", False):
+        require_writable_dir(self.args.output_dir, "--output_dir")
+        if self.method.needs_rescaled:
             require_rescaled(self.args)
         for flag in ("rescaled_checkpoint_path", "resume_path"):
             if getattr(self.args, flag, None):
